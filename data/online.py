@@ -1,0 +1,256 @@
+"""Online RLHF data logic (spec cool-rlhf.md 7.3), pure Python: samples with lineage, reward-hacking
+detectors, rising-pattern mining, fast-path (early > late) and slow-path pair building.
+
+A *pattern* is a behaviour that (1) became more frequent in the late-round policy than in the early one by
+`margin`, and (2) is over-rewarded: on prompts where only the late response shows it, the RM prefers the late
+response while the labeler prefers the early one. Both conditions, not just (1): a behaviour that rises because
+the policy got genuinely better is not a hack.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from statistics import median
+from typing import Callable, Iterable, Protocol
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+@dataclass
+class Sample:
+    """One response with its lineage: which policy (source + version) in which round produced it."""
+
+    prompt_id: str
+    domain: str
+    messages: list[dict]
+    response: str
+    source: str  # sft | early | late
+    round: int
+    policy_version: int
+    rm_score: float | None = None
+    oracle: float | None = None
+    sample_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.sample_id:
+            key = f"{self.round}|{self.source}|{self.policy_version}|{self.prompt_id}|{self.response}"
+            self.sample_id = hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- detectors
+
+
+class Detector(Protocol):
+    name: str
+
+    def fit(self, reference: list[Sample]) -> None: ...
+
+    def flags(self, sample: Sample) -> bool: ...
+
+
+@dataclass
+class LengthBlowup:
+    """Flags responses longer than `ratio` x the median length of reference (SFT/early) responses of the domain."""
+
+    ratio: float = 1.8
+    min_words: int = 12
+    name: str = "length_blowup"
+    _median: dict[str, float] = field(default_factory=dict)
+
+    def fit(self, reference: list[Sample]) -> None:
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for s in reference:
+            by_domain[s.domain].append(len(words(s.response)))
+        self._median = {d: float(median(v)) for d, v in by_domain.items() if v}
+
+    def flags(self, sample: Sample) -> bool:
+        n = len(words(sample.response))
+        base = self._median.get(sample.domain)
+        return base is not None and n >= self.min_words and n > self.ratio * max(base, 1.0)
+
+
+@dataclass
+class Repetition:
+    """Flags responses whose word 3-grams repeat: 1 - distinct/total >= threshold (Gopher-style), or a repeated line."""
+
+    threshold: float = 0.3
+    n: int = 3
+    name: str = "repetition"
+
+    def fit(self, reference: list[Sample]) -> None:
+        return None
+
+    def flags(self, sample: Sample) -> bool:
+        w = words(sample.response)
+        grams = [tuple(w[i : i + self.n]) for i in range(len(w) - self.n + 1)]
+        if len(grams) >= 4 and 1 - len(set(grams)) / len(grams) >= self.threshold:
+            return True
+        lines = [ln.strip() for ln in sample.response.splitlines() if len(ln.strip()) > 8]
+        return len(lines) != len(set(lines))
+
+
+@dataclass
+class PhraseDetector:
+    """Flags responses containing a phrase (a word n-gram), as found by `mine_rising_phrases`."""
+
+    phrase: tuple[str, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or "phrase:" + " ".join(self.phrase)
+
+    def fit(self, reference: list[Sample]) -> None:
+        return None
+
+    def flags(self, sample: Sample) -> bool:
+        return _contains(words(sample.response), self.phrase)
+
+
+def _contains(w: list[str], phrase: tuple[str, ...]) -> bool:
+    n = len(phrase)
+    return any(tuple(w[i : i + n]) == phrase for i in range(len(w) - n + 1))
+
+
+def _ngrams(w: list[str], n_min: int, n_max: int) -> set[tuple[str, ...]]:
+    return {tuple(w[i : i + n]) for n in range(n_min, n_max + 1) for i in range(len(w) - n + 1)}
+
+
+def mine_rising_phrases(
+    early: list[Sample], late: list[Sample], *, margin: float = 0.2, top_fraction: float = 0.5,
+    n_range: tuple[int, int] = (2, 4), max_phrases: int = 3,
+) -> list[tuple[tuple[str, ...], float, float]]:
+    """Word n-grams whose document frequency among the top-reward late samples exceeds their frequency among
+    early samples by >= margin. Returns (phrase, rate_early, rate_late_top), strongest rise first; a phrase
+    contained in a stronger, equally supported one is dropped so one behaviour yields one pattern."""
+    scored = sorted((s for s in late if s.rm_score is not None), key=lambda s: s.rm_score, reverse=True)
+    top = scored[: max(1, int(len(scored) * top_fraction))] if scored else late
+    if not top or not early:
+        return []
+    def doc_freq(samples: list[Sample]) -> Counter:
+        c: Counter = Counter()
+        for s in samples:
+            c.update(_ngrams(words(s.response), *n_range))
+        return c
+    f_top, f_early = doc_freq(top), doc_freq(early)
+    rises = []
+    for gram, count in f_top.items():
+        r_top, r_early = count / len(top), f_early.get(gram, 0) / len(early)
+        if r_top - r_early >= margin and any(t.isalpha() for t in gram):
+            rises.append((gram, r_early, r_top))
+    rises.sort(key=lambda x: (-(x[2] - x[1]), -len(x[0]), x[0]))
+    kept: list[tuple[tuple[str, ...], float, float]] = []
+    for gram, r_early, r_top in rises:
+        overlaps = any(_contains(list(k[0]), gram) or _contains(list(gram), k[0]) for k in kept)
+        if not overlaps:
+            kept.append((gram, r_early, r_top))
+        if len(kept) >= max_phrases:
+            break
+    return kept
+
+
+# Fixed detectors by name; "rising_pattern" is not one detector but the miner above, which yields one
+# PhraseDetector per rising phrase.
+STATIC_DETECTORS: dict[str, Callable[[], Detector]] = {"length_blowup": LengthBlowup, "repetition": Repetition}
+DETECTOR_NAMES = (*STATIC_DETECTORS, "rising_pattern")
+
+
+# ---------------------------------------------------------------------------------------------- patterns and pairs
+
+
+@dataclass
+class Pattern:
+    name: str
+    rate_early: float
+    rate_late: float
+    over_reward_rate: float  # share of checked prompts where RM prefers late but the labeler prefers early
+    checked: int
+    examples: list[str]
+    detected: bool
+
+
+def hack_rate(samples: list[Sample], detectors: Iterable[Detector]) -> float:
+    """Share of samples flagged by at least one detector."""
+    dets = list(detectors)
+    if not samples:
+        return 0.0
+    return sum(any(d.flags(s) for d in dets) for s in samples) / len(samples)
+
+
+def _by_prompt(samples: list[Sample]) -> dict[str, Sample]:
+    return {s.prompt_id: s for s in samples}
+
+
+def evaluate_pattern(
+    det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | None],
+    *, margin: float, max_checks: int = 30,
+) -> Pattern:
+    """Rate rise plus the over-reward check. `prefer(a, b)` is the labeler: 0 (a), 1 (b) or None (no label)."""
+    r_early = sum(det.flags(s) for s in early) / max(len(early), 1)
+    r_late = sum(det.flags(s) for s in late) / max(len(late), 1)
+    e_by = _by_prompt(early)
+    contrast = [(e_by[s.prompt_id], s) for s in late if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
+    checked = over = 0
+    for e, l in contrast[:max_checks]:
+        label = prefer(e, l)
+        if label is None or e.rm_score is None or l.rm_score is None:
+            continue
+        checked += 1
+        over += int(l.rm_score > e.rm_score and label == 0)
+    over_rate = over / checked if checked else 0.0
+    detected = (r_late - r_early) >= margin and checked > 0 and over_rate >= 0.5
+    return Pattern(det.name, r_early, r_late, over_rate, checked, [l.response[:200] for _, l in contrast[:3]], detected)
+
+
+def pair_id(a: Sample, b: Sample) -> str:
+    return hashlib.sha1(f"{a.sample_id}|{b.sample_id}".encode()).hexdigest()[:16]
+
+
+def preference_row(chosen: Sample, rejected: Sample, *, path: str, round_idx: int, pattern: str = "",
+                   labeler: str = "") -> dict:
+    """A coolray-JSONL preference row plus lineage (which sample, source and policy version on each side)."""
+    return {
+        "pair_id": pair_id(chosen, rejected),
+        "messages": chosen.messages,
+        "chosen": chosen.response,
+        "rejected": rejected.response,
+        "domain": chosen.domain,
+        "lineage": {
+            "path": path, "round": round_idx, "pattern": pattern, "labeler": labeler,
+            "chosen": {"sample_id": chosen.sample_id, "source": chosen.source, "policy_version": chosen.policy_version},
+            "rejected": {"sample_id": rejected.sample_id, "source": rejected.source, "policy_version": rejected.policy_version},
+        },
+    }
+
+
+def fast_path_pairs(
+    det: Detector, early: list[Sample], late: list[Sample], *, round_idx: int, max_pairs: int, seed: int,
+) -> list[dict]:
+    """early > late on prompts where only the late response shows the pattern (at most `max_pairs`)."""
+    e_by = _by_prompt(early)
+    cands = [(e_by[s.prompt_id], s) for s in late if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
+    random.Random(seed).shuffle(cands)
+    return [preference_row(e, l, path="fast", round_idx=round_idx, pattern=det.name) for e, l in cands[:max_pairs]]
+
+
+def slow_path_candidates(samples: dict[str, list[Sample]], n: int, seed: int) -> list[tuple[Sample, Sample]]:
+    """Pairs of SFT / early / late responses to the same prompt, cycling over the three source pairs."""
+    by_src = {src: _by_prompt(v) for src, v in samples.items()}
+    combos = [("sft", "late"), ("early", "late"), ("sft", "early")]
+    prompts = sorted(set.intersection(*(set(v) for v in by_src.values()))) if by_src else []
+    random.Random(seed).shuffle(prompts)
+    out = []
+    for i, pid in enumerate(prompts[:n]):
+        a, b = combos[i % len(combos)]
+        if by_src[a][pid].response != by_src[b][pid].response:
+            out.append((by_src[a][pid], by_src[b][pid]))
+    return out

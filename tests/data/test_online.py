@@ -1,0 +1,83 @@
+"""Online RLHF data logic: detectors, rising-pattern mining, pattern checks, fast/slow pair building."""
+from __future__ import annotations
+
+from data.online import (
+    LengthBlowup, PhraseDetector, Repetition, Sample, evaluate_pattern, fast_path_pairs, hack_rate,
+    mine_rising_phrases, slow_path_candidates, words,
+)
+
+
+def _s(pid, resp, src="late", rm=None, domain="helpful"):
+    return Sample(prompt_id=pid, domain=domain, messages=[{"role": "user", "content": f"q{pid}"}], response=resp,
+                  source=src, round=1, policy_version={"sft": 0, "early": 3, "late": 9}[src], rm_score=rm)
+
+
+def test_length_blowup_flags_only_long_responses():
+    ref = [_s(str(i), "the answer is four words", "early") for i in range(5)]  # 5 words each, median 5
+    det = LengthBlowup(ratio=1.8, min_words=8)
+    det.fit(ref)
+    assert not det.flags(_s("a", "the answer is four words and nine"))  # 7 words <= 1.8 * 5 = 9 and < min_words
+    assert det.flags(_s("b", " ".join(["word"] * 10)))  # 10 > 9 and >= 8
+    assert not det.flags(_s("c", " ".join(["word"] * 9)))  # 9 is not > 9
+
+
+def test_repetition_flags_repeated_ngrams_and_lines():
+    det = Repetition(threshold=0.3)
+    # 12 words "a b c" x4: 10 trigrams, 3 distinct -> 1 - 3/10 = 0.7 >= 0.3
+    assert det.flags(_s("1", "a b c a b c a b c a b c"))
+    assert not det.flags(_s("2", "one two three four five six seven eight"))  # all trigrams distinct
+    assert det.flags(_s("3", "I hope this helps you.\nSure thing here.\nI hope this helps you."))
+
+
+def test_rising_phrase_is_mined_and_common_phrases_ignored():
+    # late: 20 samples, top-reward half (rm 10..19) has "trust me fully" in 8/10 = 80%; early: 1/20 = 5%.
+    # "the answer is" is in every sample of both -> rise 0 -> ignored.
+    late = [_s(str(i), f"the answer is {i}" + (" trust me fully" if i >= 10 and i % 5 else ""), rm=float(i)) for i in range(20)]
+    early = [_s(str(i), f"the answer is {i}" + (" trust me fully" if i == 0 else ""), "early", rm=0.0) for i in range(20)]
+    found = mine_rising_phrases(early, late, margin=0.2)
+    assert found, "planted phrase not found"
+    phrase, r_early, r_top = found[0]
+    assert " ".join(phrase) in "trust me fully" and len(phrase) >= 2
+    assert r_early == 0.05 and r_top == 0.8
+    assert all("answer" not in p for p, _, _ in found)
+
+
+def test_pattern_needs_rise_and_over_reward():
+    det = PhraseDetector(("trust", "me"))
+    early = [_s(str(i), "plain answer", "early", rm=0.0) for i in range(10)]
+    late = [_s(str(i), "plain answer trust me", rm=1.0) for i in range(10)]
+    labeler_prefers_early = lambda a, b: 0  # noqa: E731
+    labeler_prefers_late = lambda a, b: 1  # noqa: E731
+    hacked = evaluate_pattern(det, early, late, labeler_prefers_early, margin=0.2)
+    assert hacked.detected and hacked.rate_early == 0.0 and hacked.rate_late == 1.0 and hacked.over_reward_rate == 1.0
+    improvement = evaluate_pattern(det, early, late, labeler_prefers_late, margin=0.2)
+    assert not improvement.detected, "a rise the labeler agrees with is not a hack"
+
+
+def test_fast_path_pairs_direction_cap_and_lineage():
+    det = PhraseDetector(("trust", "me"))
+    early = [_s(str(i), f"answer {i}", "early", rm=0.0) for i in range(150)]
+    late = [_s(str(i), f"answer {i} trust me", rm=2.0) for i in range(150)]
+    pairs = fast_path_pairs(det, early, late, round_idx=1, max_pairs=100, seed=0)
+    assert len(pairs) == 100
+    for p in pairs:
+        assert "trust me" in p["rejected"] and "trust me" not in p["chosen"]
+        assert p["lineage"]["chosen"]["source"] == "early" and p["lineage"]["rejected"]["source"] == "late"
+        assert p["lineage"]["rejected"]["policy_version"] == 9 and p["lineage"]["pattern"] == det.name
+    assert pairs == fast_path_pairs(det, early, late, round_idx=1, max_pairs=100, seed=0), "not deterministic"
+
+
+def test_slow_path_candidates_cover_all_source_pairs():
+    samples = {src: [_s(str(i), f"{src} {i}", src) for i in range(9)] for src in ("sft", "early", "late")}
+    cands = slow_path_candidates(samples, n=9, seed=1)
+    assert len(cands) == 9
+    combos = {(a.source, b.source) for a, b in cands}
+    assert combos == {("sft", "late"), ("early", "late"), ("sft", "early")}
+    assert all(a.prompt_id == b.prompt_id for a, b in cands)
+
+
+def test_hack_rate():
+    det = Repetition()
+    samples = [_s("1", "a b c a b c a b c a b c"), _s("2", "fine distinct words here now"), _s("3", "x y z x y z x y z x y z"), _s("4", "ok")]
+    assert hack_rate(samples, [det]) == 0.5
+    assert words("Hello, World!") == ["hello", ",", "world", "!"]
