@@ -1,0 +1,1 @@
+"""Inference engines behind the OpenAI server: `hf` (transformers, CPU) and `vllm` (AsyncLLM)."""
