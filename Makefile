@@ -54,7 +54,7 @@ $(VLLM_STAMP): constraints.txt
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	VLLM_CPU_OMP_THREADS_BIND=auto VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/serve/test_vllm_engine.py $(ARGS)
+	VLLM_CPU_OMP_THREADS_BIND=auto VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/serve/test_vllm_engine.py tests/actors/test_rollout_vllm.py $(ARGS)
 
 serve: setup
 	$(PY) jobs/serve.py $(if $(MODEL),model.path=$(MODEL),) $(ARGS)

@@ -46,6 +46,15 @@ class Sample:
     def to_row(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_row(cls, row: dict) -> "Sample":
+        """Inverse of `to_row` (unknown keys are an error: a row from another format is not a Sample)."""
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(row) - known)
+        if extra:
+            raise ValueError(f"not a Sample row: unknown keys {extra}; expected {sorted(known)}")
+        return cls(**row)
+
 
 # ---------------------------------------------------------------------------------------------- detectors
 
@@ -127,30 +136,34 @@ def _ngrams(w: list[str], n_min: int, n_max: int) -> set[tuple[str, ...]]:
 
 def mine_rising_phrases(
     early: list[Sample], late: list[Sample], *, margin: float = 0.2, top_fraction: float = 0.5,
-    n_range: tuple[int, int] = (2, 4), max_phrases: int = 3,
+    n_range: tuple[int, int] = (2, 4), max_phrases: int = 3, min_count: int = 2,
 ) -> list[tuple[tuple[str, ...], float, float]]:
     """Word n-grams whose document frequency among the top-reward late samples exceeds their frequency among
-    early samples by >= margin. Returns (phrase, rate_early, rate_late_top), strongest rise first; a phrase
-    contained in a stronger, equally supported one is dropped so one behaviour yields one pattern."""
+    early samples by >= margin. Returns (phrase, rate_early, rate_late_top), strongest rise first. One behaviour
+    yields one pattern: a phrase is dropped when it contains or is contained in a stronger kept one, or when it
+    occurs in exactly the same top samples as a kept one (overlapping pieces of one planted sentence). A phrase
+    in fewer than `min_count` top samples is noise (e.g. a number next to the planted sentence), never a pattern."""
     scored = sorted((s for s in late if s.rm_score is not None), key=lambda s: s.rm_score, reverse=True)
     top = scored[: max(1, int(len(scored) * top_fraction))] if scored else late
     if not top or not early:
         return []
-    def doc_freq(samples: list[Sample]) -> Counter:
-        c: Counter = Counter()
-        for s in samples:
-            c.update(_ngrams(words(s.response), *n_range))
-        return c
-    f_top, f_early = doc_freq(top), doc_freq(early)
+    support: dict[tuple[str, ...], set[int]] = defaultdict(set)  # gram -> indices of the top samples holding it
+    for i, s in enumerate(top):
+        for gram in _ngrams(words(s.response), *n_range):
+            support[gram].add(i)
+    f_early: Counter = Counter()
+    for s in early:
+        f_early.update(_ngrams(words(s.response), *n_range))
     rises = []
-    for gram, count in f_top.items():
-        r_top, r_early = count / len(top), f_early.get(gram, 0) / len(early)
-        if r_top - r_early >= margin and any(t.isalpha() for t in gram):
+    for gram, holders in support.items():
+        r_top, r_early = len(holders) / len(top), f_early.get(gram, 0) / len(early)
+        if len(holders) >= min_count and r_top - r_early >= margin and any(t.isalpha() for t in gram):
             rises.append((gram, r_early, r_top))
     rises.sort(key=lambda x: (-(x[2] - x[1]), -len(x[0]), x[0]))
     kept: list[tuple[tuple[str, ...], float, float]] = []
     for gram, r_early, r_top in rises:
-        overlaps = any(_contains(list(k[0]), gram) or _contains(list(gram), k[0]) for k in kept)
+        overlaps = any(_contains(list(k[0]), gram) or _contains(list(gram), k[0]) or support[k[0]] == support[gram]
+                       for k in kept)
         if not overlaps:
             kept.append((gram, r_early, r_top))
         if len(kept) >= max_phrases:
@@ -190,6 +203,16 @@ def _by_prompt(samples: list[Sample]) -> dict[str, Sample]:
     return {s.prompt_id: s for s in samples}
 
 
+def contrast_pairs(det: Detector, early: list[Sample], late: list[Sample]) -> list[tuple[Sample, Sample]]:
+    """(early, late) responses to the same prompt where only the late one shows the pattern, in `late` order.
+
+    Only these pairs isolate the pattern: when both responses show it (or neither), a preference between
+    them says nothing about the pattern itself."""
+    e_by = _by_prompt(early)
+    return [(e_by[s.prompt_id], s) for s in late
+            if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
+
+
 def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | None],
     *, margin: float, max_checks: int = 30,
@@ -197,8 +220,7 @@ def evaluate_pattern(
     """Rate rise plus the over-reward check. `prefer(a, b)` is the labeler: 0 (a), 1 (b) or None (no label)."""
     r_early = sum(det.flags(s) for s in early) / max(len(early), 1)
     r_late = sum(det.flags(s) for s in late) / max(len(late), 1)
-    e_by = _by_prompt(early)
-    contrast = [(e_by[s.prompt_id], s) for s in late if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
+    contrast = contrast_pairs(det, early, late)
     checked = over = 0
     for e, l in contrast[:max_checks]:
         label = prefer(e, l)
@@ -232,12 +254,24 @@ def preference_row(chosen: Sample, rejected: Sample, *, path: str, round_idx: in
     }
 
 
+def labelled_row(a: Sample, b: Sample, label: int, *, round_idx: int, labeler: str) -> dict:
+    """A slow-path row from the comparison (a, b) labelled 0 (a preferred) or 1 (b preferred).
+
+    Its pair_id stays the comparison's id, pair_id(a, b), whatever the label: that id is the key a human label
+    file uses, so a later round can tell which labelled comparisons it has already turned into rows."""
+    if label not in (0, 1):
+        raise ValueError(f"label must be 0 (a preferred) or 1 (b preferred), got {label!r}")
+    chosen, rejected = (a, b) if label == 0 else (b, a)
+    row = preference_row(chosen, rejected, path="slow", round_idx=round_idx, labeler=labeler)
+    row["pair_id"] = pair_id(a, b)
+    return row
+
+
 def fast_path_pairs(
     det: Detector, early: list[Sample], late: list[Sample], *, round_idx: int, max_pairs: int, seed: int,
 ) -> list[dict]:
     """early > late on prompts where only the late response shows the pattern (at most `max_pairs`)."""
-    e_by = _by_prompt(early)
-    cands = [(e_by[s.prompt_id], s) for s in late if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
+    cands = contrast_pairs(det, early, late)
     random.Random(seed).shuffle(cands)
     return [preference_row(e, l, path="fast", round_idx=round_idx, pattern=det.name) for e, l in cands[:max_pairs]]
 

@@ -2,13 +2,53 @@
 RM update on base + all new pairs, evaluation, and lineage on disk (spec cool-rlhf.md 7.3).
 
 Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...)).
-Idempotent: a rerun after a crash returns the saved `round.json`, or reuses pairs already collected.
+
+Everything a round writes lives in `<run_dir>/rounds/round_<k>/`, in this order:
+    samples.jsonl      every SFT / early / late response sampled here (Sample rows: lineage, RM score, oracle)
+    to_label.jsonl     comparisons waiting for a human label (labeler=file): {"id", "domain", "messages", "a",
+                       "b", ...}; a labelling tool appends {"id": <id>, "label": 0 | 1} to online.labels_path
+    fast_pairs.jsonl   early > late pairs exposing each detected pattern (path "fast")
+    slow_pairs.jsonl   labelled SFT/early/late comparisons of this round and of earlier rounds' to_label files
+    pairs.jsonl        fast + slow: this round's new preferences (RoundResult.pairs_path)
+    patterns.json      per-detector rates and checks, hack rates, pair counts; written last of the pair files, so
+                       its presence means the preferences of this round are complete
+    rm/                the updated RM (RM training runs in rm_train/ and its final model is moved here)
+    round.json         the RoundResult; written last
+Idempotent: a rerun returns the saved round.json, reuses the pairs when patterns.json exists (and the RM when rm/
+exists), and otherwise starts the round over (nothing partial is ever read back).
+
+Deliberate choices where the report is silent (spec 7.3):
+  - the late response showing the pattern is the rejected one (early > late);
+  - a rising behaviour counts as a pattern only if the labeler also disagrees with the RM on it;
+  - a pattern with fewer than pairs_per_pattern_min contrasting prompts triggers up to extra_sampling_tries rounds
+    of early/late sampling on fresh prompts of the domains where it showed; if still short, its pairs are kept
+    anyway (fewer pairs still push the RM the right way) and patterns.json marks it "short";
+  - unlabelled pattern-check comparisons also go to to_label.jsonl, so human labels for them become slow pairs in
+    a later round.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from data.online import (
+    STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs,
+    hack_rate, labelled_row, mine_rising_phrases, pair_id, slow_path_candidates,
+)
+from data.preferences import PreferencePair
+from data.world import Labeler, Prompt
+from trainer.config import TrainerConfig
+
+SOURCES = ("sft", "early", "late")
 
 
 @dataclass
@@ -17,10 +57,15 @@ class RMUpdateConfig:
     max_steps: int = 60
     lr: float = 5e-4
     max_tokens_per_batch: int = 4096
+    # Each online pair (all rounds so far) appears this many times in the RM's training data: 20-100 pairs per
+    # pattern are a drop in a large base set, and a finetune of max_steps may never reach most of them otherwise.
+    online_repeat: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("finetune", "retrain"):
             raise ValueError(f"online.rm_update.mode must be 'finetune' or 'retrain' (got {self.mode!r})")
+        if self.max_steps < 1 or self.lr <= 0 or self.online_repeat < 1:
+            raise ValueError("online.rm_update.max_steps and online.rm_update.online_repeat must be >= 1, online.rm_update.lr > 0")
 
 
 @dataclass
@@ -36,9 +81,14 @@ class OnlineConfig:
     prompts_per_source: int = 48  # prompts on which SFT / early / late responses are sampled
     rise_margin: float = 0.2  # a pattern counts when its late rate exceeds the early rate by this much
     rm_update: RMUpdateConfig = field(default_factory=RMUpdateConfig)
+    domains: list[str] = field(default_factory=list)  # world domains to sample prompts from; [] = all
+    extra_sampling_tries: int = 3  # extra early/late batches for a pattern short of pairs_per_pattern_min
+    pattern_checks: int = 30  # labeler calls per candidate pattern for the over-reward check
+    eval_pairs_per_domain: int = 64  # world held-out pairs per domain for the RM evaluation (no heldout_pairs_path)
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
+        from data.world import DOMAINS
 
         unknown = [d for d in self.detectors if d not in DETECTOR_NAMES]
         if unknown:
@@ -51,6 +101,20 @@ class OnlineConfig:
             raise ValueError("online.labeler=file needs online.labels_path=<labels.jsonl>")
         if self.labeler == "http" and not self.judge_url:
             raise ValueError("online.labeler=http needs online.judge_url=<http://host:port/...>")
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"online.domains has unknown {bad}; the world has {list(DOMAINS)} ([] = all)")
+        if self.prompts_per_source < 1 or self.slow_pairs_per_round < 0:
+            raise ValueError("online.prompts_per_source must be >= 1 and online.slow_pairs_per_round >= 0")
+        if self.extra_sampling_tries < 0 or self.pattern_checks < 1 or self.eval_pairs_per_domain < 0:
+            raise ValueError("online.extra_sampling_tries and online.eval_pairs_per_domain must be >= 0, "
+                             "online.pattern_checks >= 1")
+
+    @property
+    def prompt_domains(self) -> list[str]:
+        from data.world import DOMAINS
+
+        return list(self.domains or DOMAINS)
 
 
 @dataclass
@@ -67,6 +131,14 @@ class RoundContext:
     policy_versions: dict[str, int]
     seed: int = 0
     trainer_overrides: dict[str, Any] = field(default_factory=dict)
+    sft_dir: str = ""  # the SFT checkpoint: the backbone of online.rm_update.mode=retrain
+    # The driver's metrics step for this round's online/ row (W&B drops rows whose step goes backwards).
+    log_step: int | None = None
+    heldout_pairs_path: str = ""  # held-out preference JSONL for the RM evaluation; "" = world held-out pairs
+
+    @property
+    def round_dir(self) -> Path:
+        return Path(self.run_dir) / "rounds" / f"round_{self.round}"
 
 
 @dataclass
@@ -78,3 +150,444 @@ class RoundResult:
     hack_rate_late: float
     rm_eval: dict
     pairs_path: str
+
+
+# ---------------------------------------------------------------------------------------------- the round
+
+
+def end_of_round(ctx: RoundContext) -> RoundResult:
+    rdir = ctx.round_dir
+    if (rdir / "round.json").exists():
+        return RoundResult(**json.loads((rdir / "round.json").read_text()))
+    _check_context(ctx)
+    if not (rdir / "patterns.json").exists():
+        collect_preferences(ctx)
+    collected = json.loads((rdir / "patterns.json").read_text())
+    trained = update_rm(ctx)
+    rm_eval = evaluate_round(ctx, trained)
+    result = RoundResult(
+        new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]], pair_counts=collected["pair_counts"],
+        hack_rate_early=collected["hack_rate_early"], hack_rate_late=collected["hack_rate_late"],
+        rm_eval=rm_eval, pairs_path=str(rdir / "pairs.jsonl"),
+    )
+    log_round(ctx, result)
+    atomic_write_json(rdir / "round.json", dataclasses.asdict(result))
+    return result
+
+
+def _check_context(ctx: RoundContext) -> None:
+    missing = [s for s in SOURCES if s not in ctx.policy_versions]
+    if missing:
+        raise ValueError(f"RoundContext.policy_versions lacks {missing}: give the checkpoint step of each of {SOURCES}")
+    if ctx.cfg.rm_update.mode == "retrain" and not ctx.sft_dir:
+        raise ValueError("online.rm_update.mode=retrain needs RoundContext.sft_dir (the SFT checkpoint the RM starts from)")
+    for path in [ctx.base_pairs_path, ctx.heldout_pairs_path, *ctx.prior_pair_files]:
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"preference file {path} does not exist (RoundContext base_pairs_path / prior_pair_files)")
+
+
+def _seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts, the same on every machine (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+def round_prompts(domains: list[str], n: int, seed: int) -> list[Prompt]:
+    """n train-split prompts spread evenly over `domains` (the first n % len(domains) get one more), no repeats."""
+    from data.world import make_prompts
+
+    out: dict[str, Prompt] = {}
+    for i, domain in enumerate(domains):
+        count = n // len(domains) + (i < n % len(domains))
+        for p in make_prompts(domain, count, seed=_seed(seed, domain), split="train"):
+            out.setdefault(p.id, p)
+    return list(out.values())
+
+
+def sample_responses(ctx: RoundContext, source: str, prompts: list[Prompt]) -> list[Sample]:
+    """`source`'s responses to `prompts`, with lineage, the current RM's score and the world's oracle score."""
+    from data.world import score
+
+    responses = list(ctx.generate(source, prompts))
+    if len(responses) != len(prompts):
+        raise ValueError(f"generate({source!r}, prompts) returned {len(responses)} responses for {len(prompts)} prompts")
+    scores = list(ctx.rm_score([{"domain": p.domain, "messages": p.messages, "response": r}
+                                for p, r in zip(prompts, responses)]))
+    if len(scores) != len(prompts):
+        raise ValueError(f"rm_score returned {len(scores)} scores for {len(prompts)} responses")
+    return [Sample(prompt_id=p.id, domain=p.domain, messages=p.messages, response=r, source=source, round=ctx.round,
+                   policy_version=int(ctx.policy_versions[source]), rm_score=float(s), oracle=float(score(p, r)))
+            for p, r, s in zip(prompts, responses, scores)]
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def build_labeler(cfg: OnlineConfig) -> Labeler:
+    from data.world import FileLabeler, HttpJudgeLabeler, ProgrammaticLabeler
+
+    if cfg.labeler == "file":
+        return FileLabeler(cfg.labels_path, missing_ok=True)  # no file yet = nobody has labelled anything
+    if cfg.labeler == "http":
+        return HttpJudgeLabeler(cfg.judge_url)
+    return ProgrammaticLabeler()
+
+
+class LabelBook:
+    """The configured labeler over Sample pairs: batched calls, answers cached by comparison id, and the
+    comparisons left unlabelled collected as to_label rows (id = data.online.pair_id(a, b))."""
+
+    def __init__(self, labeler: Labeler, name: str, round_idx: int):
+        self.labeler, self.name, self.round = labeler, name, round_idx
+        self.prompts: dict[str, Prompt] = {}
+        self.pending: dict[str, dict] = {}
+        self._cache: dict[str, int | None] = {}
+
+    def label(self, pairs: list[tuple[Sample, Sample]], purpose: str = "") -> list[int | None]:
+        """0 (a preferred), 1 (b) or None per pair. With a purpose, unlabelled pairs are queued for humans."""
+        from data.world import Comparison
+
+        todo = {pair_id(a, b): (a, b) for a, b in pairs if pair_id(a, b) not in self._cache}
+        comparisons = [Comparison(i, self.prompts[a.prompt_id], a.response, b.response) for i, (a, b) in todo.items()]
+        answers = self.labeler.label(comparisons) if comparisons else []
+        for c, y in zip(comparisons, answers):
+            self._cache[c.id] = y
+        for a, b in pairs:
+            i = pair_id(a, b)
+            if self._cache[i] is None and purpose:  # one row per comparison, listing every reason it was asked
+                row = self.pending.setdefault(i, self._to_label_row(self.prompts[a.prompt_id], a, b))
+                row["purposes"] = sorted({*row["purposes"], purpose})
+        return [self._cache[pair_id(a, b)] for a, b in pairs]
+
+    def prefer(self, a: Sample, b: Sample) -> int | None:
+        return self.label([(a, b)], purpose="pattern_check")[0]
+
+    def _to_label_row(self, prompt: Prompt, a: Sample, b: Sample) -> dict:
+        # What a human sees first (id, domain, messages, a, b), then what a later round needs to rebuild the pair.
+        return {"id": pair_id(a, b), "domain": prompt.domain, "messages": prompt.messages, "a": a.response,
+                "b": b.response, "round": self.round, "purposes": [], "prompt": dataclasses.asdict(prompt),
+                "samples": {"a": a.to_row(), "b": b.to_row()}}
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+
+
+def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list[Detector]:
+    """The configured static detectors (fitted on SFT + early responses) plus one per rising phrase."""
+    detectors: list[Detector] = []
+    for name in cfg.detectors:
+        if name in STATIC_DETECTORS:
+            det = STATIC_DETECTORS[name]()
+            det.fit(samples["sft"] + samples["early"])
+            detectors.append(det)
+    if "rising_pattern" in cfg.detectors:
+        for phrase, _, _ in mine_rising_phrases(samples["early"], samples["late"], margin=cfg.rise_margin):
+            detectors.append(PhraseDetector(phrase))
+    return detectors
+
+
+def top_up(ctx: RoundContext, short: list[Detector], early: list[Sample], late: list[Sample],
+           seen: set[str], labels: LabelBook) -> tuple[list[Sample], int]:
+    """Early + late responses on fresh prompts until every `short` pattern has pairs_per_pattern_min contrasting
+    prompts, or extra_sampling_tries batches were drawn. Returns (new samples, batches drawn)."""
+    cfg, extra, tries = ctx.cfg, [], 0
+    while tries < cfg.extra_sampling_tries:
+        short = [d for d in short if len(contrast_pairs(d, early, late)) < cfg.pairs_per_pattern_min]
+        if not short:
+            break
+        # Draw where the patterns showed up: other domains would rarely give a contrasting prompt.
+        domains = sorted({s.domain for d in short for s in late if d.flags(s)}) or cfg.prompt_domains
+        tries += 1
+        fresh = [p for p in round_prompts(domains, cfg.prompts_per_source, _seed("extra", ctx.seed, ctx.round, tries))
+                 if p.id not in seen]
+        if not fresh:
+            continue
+        seen.update(p.id for p in fresh)
+        labels.prompts.update({p.id: p for p in fresh})
+        new = {src: sample_responses(ctx, src, fresh) for src in ("early", "late")}
+        early.extend(new["early"])
+        late.extend(new["late"])
+        extra += new["early"] + new["late"]
+    return extra, tries
+
+
+def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook, seen: set[str]) -> dict:
+    """Detect patterns, top up short ones, build early > late pairs. Returns the fast-path part of patterns.json."""
+    cfg = ctx.cfg
+    detectors = build_detectors(cfg, samples)
+    early, late = list(samples["early"]), list(samples["late"])
+    found = []
+    for det in detectors:
+        labels.label(contrast_pairs(det, early, late)[: cfg.pattern_checks], purpose="pattern_check")  # one batch
+        found.append((det, evaluate_pattern(det, early, late, labels.prefer, margin=cfg.rise_margin,
+                                            max_checks=cfg.pattern_checks)))
+    detected = [det for det, p in found if p.detected]
+    extra, tries = top_up(ctx, detected, early, late, seen, labels)
+    rows: dict[str, dict] = {}  # one row per pair id: a late response can show two patterns
+    patterns = []
+    for det, pat in found:
+        n_contrast = len(contrast_pairs(det, early, late))
+        pairs = (fast_path_pairs(det, early, late, round_idx=ctx.round, max_pairs=cfg.pairs_per_pattern_max,
+                                 seed=_seed("fast", ctx.seed, ctx.round, det.name)) if pat.detected else [])
+        for r in pairs:
+            kept = rows.setdefault(r["pair_id"], r)["lineage"]  # lineage.pattern: the first; .patterns: all
+            kept["patterns"] = sorted({*kept.get("patterns", [kept["pattern"]]), det.name})
+        patterns.append({**dataclasses.asdict(pat), "kind": "mined" if isinstance(det, PhraseDetector) else "static",
+                         "contrast_prompts": n_contrast, "pairs": len(pairs),
+                         "short": pat.detected and len(pairs) < cfg.pairs_per_pattern_min})
+    return {
+        "patterns": patterns, "fast_rows": list(rows.values()), "extra_samples": extra, "extra_tries": tries,
+        "hack_rate_early": hack_rate(samples["early"], detectors), "hack_rate_late": hack_rate(samples["late"], detectors),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- slow path
+
+
+def prior_round_dirs(ctx: RoundContext) -> list[Path]:
+    root = Path(ctx.run_dir) / "rounds"
+    dirs = [d for d in root.glob("round_*") if d.name.removeprefix("round_").isdigit()]
+    return sorted((d for d in dirs if int(d.name.removeprefix("round_")) < ctx.round),
+                  key=lambda d: int(d.name.removeprefix("round_")))
+
+
+def used_pair_ids(ctx: RoundContext) -> set[str]:
+    """Ids of the online pairs earlier rounds already trained on (so a late label is turned into a row once)."""
+    files = list(ctx.prior_pair_files) + [str(d / "pairs.jsonl") for d in prior_round_dirs(ctx)]
+    ids: set[str] = set()
+    for f in dict.fromkeys(files):
+        if Path(f).exists():
+            ids.update(row["pair_id"] for _, row in read_jsonl(f) if "pair_id" in row)
+    return ids
+
+
+def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook) -> tuple[list[dict], int]:
+    """This round's labelled comparisons plus labels that arrived for earlier rounds' to_label files.
+    Returns (rows, how many of them came from earlier rounds)."""
+    cands = slow_path_candidates(samples, ctx.cfg.slow_pairs_per_round, seed=_seed("slow", ctx.seed, ctx.round))
+    rows = [labelled_row(a, b, y, round_idx=ctx.round, labeler=labels.name)
+            for (a, b), y in zip(cands, labels.label(cands, purpose="slow")) if y is not None]
+    used = used_pair_ids(ctx) | {r["pair_id"] for r in rows}
+    waiting = []
+    for d in prior_round_dirs(ctx):
+        path = d / "to_label.jsonl"
+        for _, row in (read_jsonl(path) if path.exists() else []):
+            if row["id"] not in used:
+                labels.prompts[row["prompt"]["id"]] = Prompt(**row["prompt"])
+                waiting.append((Sample.from_row(row["samples"]["a"]), Sample.from_row(row["samples"]["b"])))
+    late_rows = []
+    # No purpose: still-unlabelled ones stay listed in their own round's to_label.jsonl, not copied here.
+    for (a, b), y in zip(waiting, labels.label(waiting)):
+        if y is not None:
+            row = labelled_row(a, b, y, round_idx=a.round, labeler=labels.name)
+            row["lineage"]["labeled_round"] = ctx.round
+            late_rows.append(row)
+    return rows + late_rows, len(late_rows)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+
+
+def collect_preferences(ctx: RoundContext) -> None:
+    """Steps 1-4: sample, detect, build fast and slow pairs, and write them (patterns.json last)."""
+    cfg, rdir = ctx.cfg, ctx.round_dir
+    labels = LabelBook(build_labeler(cfg), cfg.labeler, ctx.round)
+    prompts = round_prompts(cfg.prompt_domains, cfg.prompts_per_source, _seed("prompts", ctx.seed, ctx.round))
+    labels.prompts.update({p.id: p for p in prompts})
+    samples = {src: sample_responses(ctx, src, prompts) for src in SOURCES}
+    fast = fast_path(ctx, samples, labels, seen={p.id for p in prompts})
+    slow_rows, from_prior = slow_path(ctx, samples, labels) if cfg.slow_path else ([], 0)
+    fast_rows = fast["fast_rows"]
+    # A slow-path comparison of early vs late can be a fast pair too (same pair id, same preference): once here.
+    unique: dict[str, dict] = {}
+    for r in fast_rows + slow_rows:
+        unique.setdefault(r["pair_id"], r)
+    new_rows = list(unique.values())
+    counts = {"samples": sum(len(v) for v in samples.values()), "extra_samples": len(fast["extra_samples"]),
+              "extra_sampling_tries": fast["extra_tries"],
+              "patterns_detected": sum(p["detected"] for p in fast["patterns"]),
+              "fast": len(fast_rows), "slow": len(slow_rows) - from_prior, "slow_from_prior_rounds": from_prior,
+              "to_label": len(labels.pending), "new_pairs": len(new_rows)}
+    all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
+    atomic_write_jsonl(rdir / "samples.jsonl", [s.to_row() for s in all_samples])
+    atomic_write_jsonl(rdir / "to_label.jsonl", list(labels.pending.values()))
+    atomic_write_jsonl(rdir / "fast_pairs.jsonl", fast_rows)
+    atomic_write_jsonl(rdir / "slow_pairs.jsonl", slow_rows)
+    atomic_write_jsonl(rdir / "pairs.jsonl", new_rows)
+    atomic_write_json(rdir / "patterns.json", {
+        "round": ctx.round, "policy_versions": ctx.policy_versions, "labeler": cfg.labeler,
+        "patterns": fast["patterns"], "pair_counts": counts,
+        "hack_rate_early": fast["hack_rate_early"], "hack_rate_late": fast["hack_rate_late"],
+    })
+
+
+# ---------------------------------------------------------------------------------------------- RM update
+
+
+def online_pair_files(ctx: RoundContext) -> list[Path]:
+    """All online pair files up to this round: the driver's list, earlier round dirs, and this round's pairs."""
+    files = [Path(f) for f in ctx.prior_pair_files] + [d / "pairs.jsonl" for d in prior_round_dirs(ctx)]
+    files.append(ctx.round_dir / "pairs.jsonl")
+    unique = {f.resolve(): f for f in files if f.exists()}
+    return list(unique.values())
+
+
+def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, int]]:
+    """base ∪ every online pair so far (each pair id once); online pairs repeated rm_update.online_repeat times."""
+    from data.preferences import pair_from_row, read_preferences
+
+    base = read_preferences(ctx.base_pairs_path) if ctx.base_pairs_path else []
+    online: dict[str, PreferencePair] = {}
+    for f in online_pair_files(ctx):
+        for lineno, row in read_jsonl(f):
+            online.setdefault(row["pair_id"], parse_online_row(row, f, lineno))
+    repeat = ctx.cfg.rm_update.online_repeat
+    pairs = base + [p for p in online.values() for _ in range(repeat)]
+    return pairs, {"base": len(base), "online": len(online), "online_repeat": repeat}
+
+
+def parse_online_row(row: dict, path: Path, lineno: int) -> PreferencePair:
+    from data.preferences import parse_row
+
+    return parse_row({k: v for k, v in row.items() if k != "lineage"} | {"id": row["pair_id"]}, "coolray", path, lineno)
+
+
+def trainer_config(ctx: RoundContext) -> TrainerConfig:
+    """The RM update's trainer: the RM recipe of spec 7.1 (AdamW, weight decay 0.01), online.rm_update's LR and
+    steps, then the driver's overrides (workers, GPUs, backend) on top."""
+    up = ctx.cfg.rm_update
+    base = {"lr": up.lr, "max_steps": up.max_steps, "weight_decay": 0.01, "checkpoint_every": 0, "keep_checkpoints": 1,
+            "seed": ctx.seed}
+    return TrainerConfig(**{**base, **ctx.trainer_overrides})
+
+
+def update_rm(ctx: RoundContext) -> dict:
+    """Train RM_k on base + all online pairs into <round>/rm (skipped when it is already there).
+    Returns the training figures (model_dir and counts; only model_dir when the RM was already trained)."""
+    from cluster.train import fit
+    from modeling.reward import CONFIG_FILE, RewardEncoder
+    from trainer.lm_tasks import load_any_tokenizer
+    from trainer.rm_task import RewardTask, encode_pairs, write_encoded
+
+    final, work = ctx.round_dir / "rm", ctx.round_dir / "rm_train"
+    if (final / CONFIG_FILE).exists():
+        return {"model_dir": str(final)}
+    up = ctx.cfg.rm_update
+    rm_cfg = registry_of(ctx.rm_dir)  # the domain system prompts the RM was trained with
+    # finetune: RM_{k-1} (backbone + head); retrain: a fresh head on the SFT backbone, as the reward job does.
+    tok_path, init = (ctx.rm_dir, ctx.rm_dir) if up.mode == "finetune" else (ctx.sft_dir, "")
+    pairs, counts = training_pairs(ctx)
+    encoded, stats = encode_pairs(pairs, RewardEncoder(load_any_tokenizer(tok_path), rm_cfg))
+    if not encoded:
+        raise ValueError(f"round {ctx.round}: no trainable preference pairs ({counts}; {stats.too_long} longer than "
+                         f"rm.max_length={rm_cfg.max_length}, {stats.identical} with chosen == rejected)")
+    task = RewardTask(data_path=str(write_encoded(encoded, work / "rm_data")), tokenizer_path=tok_path,
+                      model_path="" if init else ctx.sft_dir, init_rm_path=init, rm=rm_cfg,
+                      max_tokens_per_batch=up.max_tokens_per_batch, seed=ctx.seed)
+    started = time.time()
+    # No logger: fit's per-step rows carry their own step counter, which would collide with the PPO driver's.
+    result = fit(task, trainer_config(ctx), work, logger=None)
+    os.replace(result.model_dir, final)  # same directory tree, so the rename is atomic
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # optimizer state x RM size; the model is in rm/
+    return {"model_dir": str(final), "train_pairs": stats.pairs, "train_base_pairs": counts["base"],
+            "train_online_pairs": counts["online"], "dropped_too_long": stats.too_long,
+            "train_steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(time.time() - started, 2)}
+
+
+def registry_of(rm_dir: str):
+    """The RewardModelConfig saved with an RM (its domain registry, conditional flag, max length)."""
+    from modeling.loading import resolve_checkpoint
+    from modeling.reward import CONFIG_FILE, RewardModelConfig
+
+    path = resolve_checkpoint(rm_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{rm_dir} has no {CONFIG_FILE}: RoundContext.rm_dir must be a coolray RM directory")
+    meta = json.loads(path.read_text())
+    return RewardModelConfig(**{k: v for k, v in meta.items() if k in RewardModelConfig.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def heldout_pairs(ctx: RoundContext, domains: list[str]) -> list[PreferencePair]:
+    """Held-out pairs: RoundContext.heldout_pairs_path, else the world's held-out pairs of `domains`."""
+    from data.preferences import pair_from_row, read_preferences
+    from data.world.config import WorldConfig
+    from data.world.files import heldout_pairs as world_heldout
+
+    if ctx.heldout_pairs_path:
+        return read_preferences(ctx.heldout_pairs_path)
+    world = WorldConfig(seed=ctx.seed, domains=domains, heldout_pairs_per_domain=ctx.cfg.eval_pairs_per_domain)
+    return [pair_from_row(r) for r in world_heldout(world)]
+
+
+def rm_accuracies(model_dirs: dict[str, str], sets: dict[str, list[PreferencePair]], device: str) -> dict[str, dict]:
+    """{model: {set: {"accuracy", "by_domain"}}} with the reward job's scoring and accuracy (ties count half)."""
+    from actors.reward import RewardWorker
+    from jobs.reward import accuracy, by_domain, pair_scores
+
+    out: dict[str, dict] = {}
+    for name, model_dir in model_dirs.items():
+        worker = RewardWorker(model_dir, device=device)
+        out[name] = {}
+        for set_name, pairs in sets.items():
+            if pairs:
+                c, r = pair_scores(worker, pairs)
+                out[name][set_name] = {"accuracy": accuracy(c, r), "by_domain": by_domain(pairs, c, r)}
+    return out
+
+
+def evaluate_round(ctx: RoundContext, trained: dict) -> dict:
+    """Old vs new RM on held-out pairs (per domain), on this round's fast pairs and on its slow pairs.
+
+    Runs as one Ray task with the RM trainer's per-worker resources (a GPU on a cluster), not in the driver."""
+    import ray
+
+    rm_cfg = registry_of(trained["model_dir"])
+    domains = [d for d in ctx.cfg.prompt_domains if d in rm_cfg.domains]
+    sets = {"heldout": heldout_pairs(ctx, domains)}
+    for kind in ("fast", "slow"):
+        rows = list(read_jsonl(ctx.round_dir / f"{kind}_pairs.jsonl"))
+        sets[f"{kind}_pairs"] = [parse_online_row(row, ctx.round_dir / f"{kind}_pairs.jsonl", n) for n, row in rows]
+    tcfg = trainer_config(ctx)
+    task = ray.remote(rm_accuracies).options(num_cpus=tcfg.cpus_per_worker, num_gpus=tcfg.gpus_per_worker)
+    acc = ray.get(task.remote({"before": ctx.rm_dir, "after": trained["model_dir"]}, sets,
+                              "cuda" if tcfg.use_gpu else "cpu"))
+    out: dict[str, Any] = {k: v for k, v in trained.items() if k != "model_dir"}
+    for set_name, pairs in sets.items():
+        out["heldout_pairs" if set_name == "heldout" else set_name] = len(pairs)
+        for when in ("before", "after"):
+            got = acc[when].get(set_name)
+            out[f"{set_name}_acc_{when}"] = got["accuracy"] if got else None
+            if set_name == "heldout" and got:
+                out.update({f"heldout_acc_{when}/{d}": a for d, a in got["by_domain"].items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+PATTERN_COLUMNS = ["name", "kind", "detected", "rate_early", "rate_late", "over_reward_rate", "checked",
+                   "contrast_prompts", "pairs", "short", "example"]
+
+
+def log_round(ctx: RoundContext, result: RoundResult) -> None:
+    """One row of online/ metrics and the pattern table (every candidate, detected or not) in ctx.logger."""
+    collected = json.loads((ctx.round_dir / "patterns.json").read_text())
+    rows = [[p["name"], p["kind"], p["detected"], round(p["rate_early"], 4), round(p["rate_late"], 4),
+             round(p["over_reward_rate"], 4), p["checked"], p["contrast_prompts"], p["pairs"], p["short"],
+             (p["examples"] or [""])[0]] for p in collected["patterns"]]
+    ctx.logger.log_table(f"online/round_{ctx.round}/patterns", PATTERN_COLUMNS, rows)
+    metrics: dict[str, Any] = {"online/round": ctx.round, "online/hack_rate_early": result.hack_rate_early,
+                               "online/hack_rate_late": result.hack_rate_late,
+                               "online/patterns_short": sum(p["short"] for p in collected["patterns"])}
+    metrics.update({f"online/pairs/{k}": v for k, v in result.pair_counts.items()})
+    metrics.update({f"online/rm/{k}": v for k, v in result.rm_eval.items() if isinstance(v, (int, float))})
+    ctx.logger.log(metrics, step=ctx.log_step)
+    short = [p["name"] for p in collected["patterns"] if p["short"]]
+    if short:
+        print(f"online round {ctx.round}: pattern(s) {short} got fewer than online.pairs_per_pattern_min="
+              f"{ctx.cfg.pairs_per_pattern_min} contrasting prompts after {collected['pair_counts']['extra_sampling_tries']} "
+              "extra sampling tries; their pairs are used anyway (raise online.prompts_per_source or "
+              "online.extra_sampling_tries for more)", file=sys.stderr)

@@ -3,6 +3,10 @@
 A job (pretrain, SFT, reward model) describes *what* to train as a picklable TrainTask; `trainer.loop`
 decides *how* (DDP or DeepSpeed ZeRO-2/3, accumulation, clipping, schedule, checkpoint/resume) and
 `cluster.train.fit` runs it on Ray Train workers. The same task also runs in one process in tests.
+
+Optional: a task may define `build_export_model()` returning the full-precision base without quantization
+(QLoRA tasks load the training base in 4 bit); the loop uses it, else `build_model`, to rebuild the final model
+when the live one cannot be copied (ZeRO-3, DeepSpeed bf16, QLoRA).
 """
 from __future__ import annotations
 

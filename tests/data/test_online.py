@@ -1,9 +1,11 @@
 """Online RLHF data logic: detectors, rising-pattern mining, pattern checks, fast/slow pair building."""
 from __future__ import annotations
 
+import pytest
+
 from data.online import (
-    LengthBlowup, PhraseDetector, Repetition, Sample, evaluate_pattern, fast_path_pairs, hack_rate,
-    mine_rising_phrases, slow_path_candidates, words,
+    LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs, hack_rate,
+    labelled_row, mine_rising_phrases, pair_id, slow_path_candidates, words,
 )
 
 
@@ -81,3 +83,41 @@ def test_hack_rate():
     samples = [_s("1", "a b c a b c a b c a b c"), _s("2", "fine distinct words here now"), _s("3", "x y z x y z x y z x y z"), _s("4", "ok")]
     assert hack_rate(samples, [det]) == 0.5
     assert words("Hello, World!") == ["hello", ",", "world", "!"]
+
+
+def test_one_planted_sentence_is_mined_as_one_phrase():
+    # Every late sample ends with the same 7-token sentence; its 2..4-grams all occur in exactly the same
+    # samples, and several do not contain one another ("trust me , this" vs "is correct ."): one behaviour,
+    # so exactly one phrase is kept.
+    filler = "Trust me, this is correct."
+    late = [_s(str(i), f"the answer is {i}. {filler}", rm=1.0) for i in range(10)]
+    early = [_s(str(i), f"the answer is {i}.", "early", rm=0.0) for i in range(10)]
+    found = mine_rising_phrases(early, late, margin=0.2)
+    assert len(found) == 1
+    assert " ".join(found[0][0]) in "trust me , this is correct ."
+
+
+def test_contrast_pairs_keep_only_prompts_where_late_alone_shows_the_pattern():
+    det = PhraseDetector(("trust", "me"))
+    early = [_s("0", "plain", "early"), _s("1", "trust me", "early"), _s("2", "plain", "early"), _s("3", "plain", "early")]
+    late = [_s("0", "trust me"), _s("1", "trust me too"), _s("2", "plain"), _s("4", "trust me")]
+    # 0: only late shows it -> kept; 1: both show it; 2: neither; 4: no early response to that prompt.
+    assert [(e.prompt_id, l.prompt_id) for e, l in contrast_pairs(det, early, late)] == [("0", "0")]
+
+
+def test_labelled_row_orders_by_label_and_keeps_the_comparison_id():
+    a, b = _s("7", "four", "sft"), _s("7", "five", "late")
+    first, second = labelled_row(a, b, 0, round_idx=2, labeler="file"), labelled_row(a, b, 1, round_idx=2, labeler="file")
+    assert (first["chosen"], first["rejected"]) == ("four", "five")
+    assert (second["chosen"], second["rejected"]) == ("five", "four")
+    assert first["pair_id"] == second["pair_id"] == pair_id(a, b)  # the id a human label file is keyed by
+    assert second["lineage"]["chosen"]["source"] == "late" and second["lineage"]["path"] == "slow"
+    with pytest.raises(ValueError, match="label must be 0"):
+        labelled_row(a, b, None, round_idx=2, labeler="file")
+
+
+def test_sample_row_round_trip_and_foreign_rows_rejected():
+    s = _s("3", "an answer", "early", rm=0.5)
+    assert Sample.from_row(s.to_row()) == s
+    with pytest.raises(ValueError, match="unknown keys \\['chosen'\\]"):
+        Sample.from_row({**s.to_row(), "chosen": "x"})
