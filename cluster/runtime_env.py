@@ -36,8 +36,21 @@ def _has_cuda() -> bool:
         return False
 
 
+def _fix_sys_path() -> None:
+    """`python jobs/x.py` puts jobs/ first on sys.path, and Ray copies the script's directory into every
+    worker's path; there jobs/data.py and jobs/serve.py would shadow the `data` and `serve` packages.
+    Keep the repo root first and jobs/ off the path."""
+    import sys
+
+    jobs_dir = REPO_ROOT / "jobs"
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != jobs_dir]
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
 def apply_process_defaults() -> None:
     """Set runtime defaults in this process before heavy imports (deepspeed prints to stdout otherwise)."""
+    _fix_sys_path()
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     if "DS_ACCELERATOR" not in os.environ and not _has_cuda():

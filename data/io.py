@@ -21,6 +21,10 @@ class DataError(ValueError):
         what = f" field '{field_name}'" if field_name else ""
         super().__init__(f"{where}:{what} {problem}")
 
+    def __reduce__(self):
+        # Rebuild from the parts, so the error survives pickling from a Ray task to the driver intact.
+        return (type(self), (self.path, self.line, self.field_name, self.problem))
+
 
 @dataclass
 class RowErrors:
