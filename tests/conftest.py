@@ -9,12 +9,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Before torch is imported (apply_process_defaults imports it): 2 cores are shared with Ray workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from cluster.runtime_env import apply_process_defaults  # noqa: E402
 
 apply_process_defaults()
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["COOLRAY_PROGRESS"] = "0"
 
 
