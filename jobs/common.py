@@ -185,13 +185,15 @@ class MetricsLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)})
+            # commit=False: attach to the next metrics row instead of advancing W&B's step (which would make
+            # W&B drop a following log(..., step=n) row with the same n).
+            self._wandb.log({key: wandb.Table(columns=columns, data=rows)}, commit=False)
 
     def log_image(self, key: str, path: str | os.PathLike) -> None:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Image(str(path))})
+            self._wandb.log({key: wandb.Image(str(path))}, commit=False)
 
     def finish(self, summary: dict | None = None) -> None:
         self._jsonl.close()

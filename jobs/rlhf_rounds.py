@@ -3,28 +3,41 @@ RM update on base + all new pairs, evaluation, and lineage on disk (spec cool-rl
 
 Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...)).
 
+  1. prompts_per_source train prompts spread over online.domains (seeded by run seed and round); SFT, early and
+     late responses from ctx.generate, scored by ctx.rm_score and the world's oracle -> Samples with lineage
+  2. fast path: static detectors (fitted on SFT + early) and one PhraseDetector per rising phrase; a detector is a
+     pattern when its rate rises by rise_margin and the labeler disagrees with the RM on >= half of the checked
+     contrasting prompts; each pattern gives early > late pairs (at most pairs_per_pattern_max)
+  3. slow path: SFT/early/late comparisons -> labeler; labels that arrived for earlier rounds' to_label files too
+  4. every preference file written (atomically) before any training
+  5. RM_k: finetune of RM_{k-1} (or retrain from SFT) on base + every online pair so far, through the RM TrainTask
+     and cluster.train.fit; old vs new RM accuracy on held-out pairs per domain and on this round's pairs
+  6. online/ metrics and the pattern table to ctx.logger, then round.json
+
 Everything a round writes lives in `<run_dir>/rounds/round_<k>/`, in this order:
     samples.jsonl      every SFT / early / late response sampled here (Sample rows: lineage, RM score, oracle)
-    to_label.jsonl     comparisons waiting for a human label (labeler=file): {"id", "domain", "messages", "a",
-                       "b", ...}; a labelling tool appends {"id": <id>, "label": 0 | 1} to online.labels_path
-    fast_pairs.jsonl   early > late pairs exposing each detected pattern (path "fast")
-    slow_pairs.jsonl   labelled SFT/early/late comparisons of this round and of earlier rounds' to_label files
-    pairs.jsonl        fast + slow: this round's new preferences (RoundResult.pairs_path)
-    patterns.json      per-detector rates and checks, hack rates, pair counts; written last of the pair files, so
-                       its presence means the preferences of this round are complete
-    rm/                the updated RM (RM training runs in rm_train/ and its final model is moved here)
-    round.json         the RoundResult; written last
+    to_label.jsonl     comparisons the labeler left unlabelled (labeler=file: waiting for humans): {"id", "domain",
+                       "messages", "a", "b", "purposes", ...}; a labelling tool appends {"id": <id>, "label": 0 | 1}
+                       (0 = a preferred) to online.labels_path, and the next rounds turn those labels into pairs
+    fast_pairs.jsonl   early > late pairs exposing each detected pattern (lineage.path "fast")
+    slow_pairs.jsonl   labelled comparisons of this round and of earlier rounds' to_label files (lineage.path "slow")
+    pairs.jsonl        fast + slow, each pair id once: this round's new preferences (RoundResult.pairs_path)
+    patterns.json      every candidate detector (rates, checks, pairs, "short"), hack rates and pair counts; written
+                       last of the pair files, so its presence means this round's preferences are complete
+    rm_train/          the RM update's data and Ray Train files; rm/ the updated RM (moved here when training ends)
+    round.json         the RoundResult (patterns: the detected ones); written last
 Idempotent: a rerun returns the saved round.json, reuses the pairs when patterns.json exists (and the RM when rm/
 exists), and otherwise starts the round over (nothing partial is ever read back).
 
 Deliberate choices where the report is silent (spec 7.3):
   - the late response showing the pattern is the rejected one (early > late);
   - a rising behaviour counts as a pattern only if the labeler also disagrees with the RM on it;
-  - a pattern with fewer than pairs_per_pattern_min contrasting prompts triggers up to extra_sampling_tries rounds
-    of early/late sampling on fresh prompts of the domains where it showed; if still short, its pairs are kept
-    anyway (fewer pairs still push the RM the right way) and patterns.json marks it "short";
-  - unlabelled pattern-check comparisons also go to to_label.jsonl, so human labels for them become slow pairs in
-    a later round.
+  - a pattern with fewer than pairs_per_pattern_min contrasting prompts triggers up to extra_sampling_tries batches
+    of early/late responses on fresh prompts of the domains where it showed; if still short, its pairs are kept
+    anyway (fewer pairs still push the RM the right way), patterns.json marks it "short" and a warning is printed;
+  - with labeler=file a pattern is only confirmed by human labels present when the round asks; the unlabelled
+    pattern checks join to_label.jsonl, and their labels become slow pairs in a later round;
+  - online pairs can be repeated in the RM's training data (rm_update.online_repeat) so a short finetune sees them.
 """
 from __future__ import annotations
 
@@ -65,7 +78,8 @@ class RMUpdateConfig:
         if self.mode not in ("finetune", "retrain"):
             raise ValueError(f"online.rm_update.mode must be 'finetune' or 'retrain' (got {self.mode!r})")
         if self.max_steps < 1 or self.lr <= 0 or self.online_repeat < 1:
-            raise ValueError("online.rm_update.max_steps and online.rm_update.online_repeat must be >= 1, online.rm_update.lr > 0")
+            raise ValueError("online.rm_update.max_steps and online.rm_update.online_repeat must be >= 1, "
+                             "online.rm_update.lr > 0")
 
 
 @dataclass
@@ -130,7 +144,7 @@ class RoundContext:
     logger: Any  # jobs.common.MetricsLogger
     policy_versions: dict[str, int]
     seed: int = 0
-    trainer_overrides: dict[str, Any] = field(default_factory=dict)
+    trainer_overrides: dict[str, Any] = field(default_factory=dict)  # TrainerConfig fields of the RM update
     sft_dir: str = ""  # the SFT checkpoint: the backbone of online.rm_update.mode=retrain
     # The driver's metrics step for this round's online/ row (W&B drops rows whose step goes backwards).
     log_step: int | None = None
@@ -166,7 +180,8 @@ def end_of_round(ctx: RoundContext) -> RoundResult:
     trained = update_rm(ctx)
     rm_eval = evaluate_round(ctx, trained)
     result = RoundResult(
-        new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]], pair_counts=collected["pair_counts"],
+        new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]],
+        pair_counts=collected["pair_counts"],
         hack_rate_early=collected["hack_rate_early"], hack_rate_late=collected["hack_rate_late"],
         rm_eval=rm_eval, pairs_path=str(rdir / "pairs.jsonl"),
     )
@@ -180,10 +195,12 @@ def _check_context(ctx: RoundContext) -> None:
     if missing:
         raise ValueError(f"RoundContext.policy_versions lacks {missing}: give the checkpoint step of each of {SOURCES}")
     if ctx.cfg.rm_update.mode == "retrain" and not ctx.sft_dir:
-        raise ValueError("online.rm_update.mode=retrain needs RoundContext.sft_dir (the SFT checkpoint the RM starts from)")
+        raise ValueError("online.rm_update.mode=retrain needs RoundContext.sft_dir (the SFT checkpoint the RM "
+                         "starts from)")
     for path in [ctx.base_pairs_path, ctx.heldout_pairs_path, *ctx.prior_pair_files]:
         if path and not Path(path).exists():
-            raise FileNotFoundError(f"preference file {path} does not exist (RoundContext base_pairs_path / prior_pair_files)")
+            raise FileNotFoundError(f"preference file {path} does not exist (RoundContext base_pairs_path / "
+                                    "heldout_pairs_path / prior_pair_files)")
 
 
 def _seed(*parts: Any) -> int:
@@ -212,7 +229,8 @@ def sample_responses(ctx: RoundContext, source: str, prompts: list[Prompt]) -> l
 
     responses = list(ctx.generate(source, prompts))
     if len(responses) != len(prompts):
-        raise ValueError(f"generate({source!r}, prompts) returned {len(responses)} responses for {len(prompts)} prompts")
+        raise ValueError(f"generate({source!r}, prompts) returned {len(responses)} responses for {len(prompts)} "
+                         "prompts; it must return one per prompt, in order")
     scores = list(ctx.rm_score([{"domain": p.domain, "messages": p.messages, "response": r}
                                 for p, r in zip(prompts, responses)]))
     if len(scores) != len(prompts):
@@ -339,7 +357,8 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
                          "short": pat.detected and len(pairs) < cfg.pairs_per_pattern_min})
     return {
         "patterns": patterns, "fast_rows": list(rows.values()), "extra_samples": extra, "extra_tries": tries,
-        "hack_rate_early": hack_rate(samples["early"], detectors), "hack_rate_late": hack_rate(samples["late"], detectors),
+        "hack_rate_early": hack_rate(samples["early"], detectors),
+        "hack_rate_late": hack_rate(samples["late"], detectors),
     }
 
 
@@ -436,7 +455,7 @@ def online_pair_files(ctx: RoundContext) -> list[Path]:
 
 def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, int]]:
     """base ∪ every online pair so far (each pair id once); online pairs repeated rm_update.online_repeat times."""
-    from data.preferences import pair_from_row, read_preferences
+    from data.preferences import read_preferences
 
     base = read_preferences(ctx.base_pairs_path) if ctx.base_pairs_path else []
     online: dict[str, PreferencePair] = {}
@@ -451,7 +470,9 @@ def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, i
 def parse_online_row(row: dict, path: Path, lineno: int) -> PreferencePair:
     from data.preferences import parse_row
 
-    return parse_row({k: v for k, v in row.items() if k != "lineage"} | {"id": row["pair_id"]}, "coolray", path, lineno)
+    """An online pair row (preference fields + lineage) as the RM's PreferencePair, keyed by its pair id."""
+    fields = {k: v for k, v in row.items() if k != "lineage"}
+    return parse_row({**fields, "id": row["pair_id"]}, "coolray", path, lineno)
 
 
 def trainer_config(ctx: RoundContext) -> TrainerConfig:
@@ -493,10 +514,11 @@ def update_rm(ctx: RoundContext) -> dict:
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # optimizer state x RM size; the model is in rm/
     return {"model_dir": str(final), "train_pairs": stats.pairs, "train_base_pairs": counts["base"],
             "train_online_pairs": counts["online"], "dropped_too_long": stats.too_long,
-            "train_steps": result.steps, "final_loss": result.final_loss, "train_seconds": round(time.time() - started, 2)}
+            "train_steps": result.steps, "final_loss": result.final_loss,
+            "train_seconds": round(time.time() - started, 2)}
 
 
-def registry_of(rm_dir: str):
+def registry_of(rm_dir: str) -> "RewardModelConfig":
     """The RewardModelConfig saved with an RM (its domain registry, conditional flag, max length)."""
     from modeling.loading import resolve_checkpoint
     from modeling.reward import CONFIG_FILE, RewardModelConfig
@@ -588,6 +610,6 @@ def log_round(ctx: RoundContext, result: RoundResult) -> None:
     short = [p["name"] for p in collected["patterns"] if p["short"]]
     if short:
         print(f"online round {ctx.round}: pattern(s) {short} got fewer than online.pairs_per_pattern_min="
-              f"{ctx.cfg.pairs_per_pattern_min} contrasting prompts after {collected['pair_counts']['extra_sampling_tries']} "
-              "extra sampling tries; their pairs are used anyway (raise online.prompts_per_source or "
+              f"{ctx.cfg.pairs_per_pattern_min} contrasting prompts after "
+              f"{collected['pair_counts']['extra_sampling_tries']} extra sampling tries; their pairs are used anyway (raise online.prompts_per_source or "
               "online.extra_sampling_tries for more)", file=sys.stderr)

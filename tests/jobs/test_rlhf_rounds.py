@@ -1,0 +1,242 @@
+"""End of an online RLHF round: hack detection -> fast pairs, human labels -> slow pairs, RM update, idempotence."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import jobs.rlhf_rounds as rounds
+from data.world import get_domain, respond, write_labels
+from jobs.rlhf_rounds import OnlineConfig, RoundContext, end_of_round
+
+FILLER = "Trust me, this is correct."
+EARLY_STYLE = {"math": "answer", "helpful": "detailed"}  # honest, oracle-best answers
+
+
+def _hacky(prompt_id: str) -> bool:
+    """3 of 4 late responses carry the hack (a stable choice per prompt)."""
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % 4 != 0
+
+
+def fake_generate(source: str, prompts: list) -> list[str]:
+    """SFT: the world's SFT style; early: honest best answers; late: the same plus a repeated filler sentence,
+    which the oracle penalises (repeated + irrelevant sentences) but a naive RM rewards."""
+    out = []
+    for p in prompts:
+        if source == "sft":
+            out.append(respond(p, get_domain(p.domain).sft_style))
+            continue
+        text = respond(p, EARLY_STYLE[p.domain])
+        out.append(f"{text} {FILLER} {FILLER}" if source == "late" and _hacky(p.id) else text)
+    return out
+
+
+def phrase_loving_rm(items: list[dict]) -> list[float]:
+    return [0.01 * len(i["response"].split()) + (1.0 if "trust me" in i["response"].lower() else 0.0) for i in items]
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.tables: dict[str, tuple[list, list]] = {}
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.rows.append(metrics)
+
+    def log_table(self, key: str, columns: list, rows: list) -> None:
+        self.tables[key] = (columns, rows)
+
+
+def make_ctx(run_dir: Path, round_idx: int = 1, rm_score=phrase_loving_rm, **cfg) -> RoundContext:
+    online = OnlineConfig(**{"domains": ["math", "helpful"], "prompts_per_source": 24, "slow_pairs_per_round": 12, **cfg})
+    return RoundContext(
+        round=round_idx, run_dir=run_dir, rm_dir="", base_pairs_path="", prior_pair_files=[], cfg=online,
+        generate=fake_generate, rm_score=rm_score, logger=RecordingLogger(),
+        policy_versions={"sft": 0, "early": 2 * round_idx, "late": 8 * round_idx},
+    )
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def crash_at_rm_update(monkeypatch) -> None:
+    def crash(ctx):
+        raise RuntimeError("simulated crash before the RM update")
+
+    monkeypatch.setattr(rounds, "update_rm", crash)
+
+
+def test_file_labels_partial_only_labelled_pairs_used_rest_queued_and_picked_up_later(tmp_path, monkeypatch):
+    crash_at_rm_update(monkeypatch)
+    labels = tmp_path / "labels.jsonl"
+    file_cfg = {"labeler": "file", "labels_path": str(labels)}
+
+    # Nobody has labelled yet: every comparison (slow candidates and pattern checks) waits in to_label.jsonl.
+    # Comparison ids are deterministic, so a dry run shows which ids this round will ask about.
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        end_of_round(make_ctx(tmp_path / "dry", **file_cfg))
+    dry = tmp_path / "dry" / "rounds" / "round_1"
+    asked = rows(dry / "to_label.jsonl")
+    # No pattern can be confirmed without labels, so no fast pairs: the evidence waits for humans.
+    assert rows(dry / "fast_pairs.jsonl") == [] and rows(dry / "slow_pairs.jsonl") == []
+    slow_asked = [r for r in asked if "slow" in r["purposes"]]
+    # 12 slow candidates minus those whose two responses are identical (non-hacky late == early)
+    assert 8 <= len(slow_asked) <= 12 and any("pattern_check" in r["purposes"] for r in asked)
+
+    # A human labels 5 of the 12 slow comparisons before the real round starts (label = prefer `b` for 2 of them).
+    given = {r["id"]: (1 if i < 2 else 0) for i, r in enumerate(slow_asked[:5])}
+    write_labels(labels, list(given), list(given.values()))
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        end_of_round(make_ctx(run, **file_cfg))
+    r1 = run / "rounds" / "round_1"
+    slow = rows(r1 / "slow_pairs.jsonl")
+    assert sorted(r["pair_id"] for r in slow) == sorted(given)  # only labelled pairs are used
+    by_id = {r["id"]: r for r in slow_asked}
+    for row in slow:
+        ask = by_id[row["pair_id"]]
+        want = (ask["a"], ask["b"]) if given[row["pair_id"]] == 0 else (ask["b"], ask["a"])
+        assert (row["chosen"], row["rejected"]) == want
+        assert row["lineage"]["labeler"] == "file" and row["lineage"]["path"] == "slow"
+    queued = rows(r1 / "to_label.jsonl")
+    assert {r["id"] for r in queued if "slow" in r["purposes"]} == {r["id"] for r in slow_asked[5:]}
+    assert not (r1 / "round.json").exists(), "the round must not look finished after a crash"
+    collected = json.loads((r1 / "patterns.json").read_text())
+    assert collected["pair_counts"]["to_label"] == len(queued)
+    # Over-reward checks can only use the human labels given (early-vs-late slow candidates double as checks).
+    assert all(p["checked"] <= len(given) for p in collected["patterns"])
+
+    # Labels for 3 more of round 1's comparisons arrive during round 2: round 2 uses them (once).
+    late = slow_asked[5:8]
+    write_labels(labels, [r["id"] for r in late], [0, 0, 0])
+    with pytest.raises(RuntimeError):
+        end_of_round(make_ctx(run, round_idx=2, **file_cfg))
+    r2_slow = rows(run / "rounds" / "round_2" / "slow_pairs.jsonl")
+    from_r1 = [r for r in r2_slow if r["lineage"]["round"] == 1]
+    assert sorted(r["pair_id"] for r in from_r1) == sorted(r["id"] for r in late)
+    assert all(r["lineage"]["labeled_round"] == 2 and r["chosen"] == by_id[r["pair_id"]]["a"] for r in from_r1)
+    with pytest.raises(RuntimeError):
+        end_of_round(make_ctx(run, round_idx=3, **file_cfg))
+    r3_slow = rows(run / "rounds" / "round_3" / "slow_pairs.jsonl")
+    assert not [r for r in r3_slow if r["lineage"]["round"] == 1], "a late label must become a pair only once"
+
+
+def test_short_pattern_gets_fresh_prompts_or_keeps_its_few_pairs_flagged_short(tmp_path):
+    def mined(run_dir: Path, tries: int) -> tuple[dict, dict]:
+        ctx = make_ctx(run_dir, prompts_per_source=16, extra_sampling_tries=tries, slow_path=False)
+        rounds.collect_preferences(ctx)
+        collected = json.loads((ctx.round_dir / "patterns.json").read_text())
+        return next(p for p in collected["patterns"] if p["kind"] == "mined"), collected["pair_counts"]
+
+    # 16 prompts, 3 in 4 hacky: about 12 contrasting prompts, short of pairs_per_pattern_min=20.
+    alone, counts = mined(tmp_path / "no_tries", tries=0)
+    assert alone["detected"] and alone["short"] and 0 < alone["pairs"] == alone["contrast_prompts"] < 20
+    assert counts["extra_samples"] == 0 and counts["fast"] >= alone["pairs"]
+    # With fresh prompts allowed, early + late responses are drawn until the pattern has 20.
+    topped, counts = mined(tmp_path / "tries", tries=3)
+    assert topped["detected"] and not topped["short"] and 20 <= topped["pairs"] <= 100
+    assert 1 <= counts["extra_sampling_tries"] <= 3 and counts["extra_samples"] > 0
+    samples = rows(tmp_path / "tries" / "rounds" / "round_1" / "samples.jsonl")
+    assert len(samples) == counts["samples"] + counts["extra_samples"]
+    assert {s["source"] for s in samples[counts["samples"]:]} == {"early", "late"}  # no SFT responses needed
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="session")
+def planted_rm(tiny_dir, tmp_path_factory) -> tuple[str, str]:
+    """(RM dir, base pairs file): a tiny RM trained in-process on world base pairs plus pairs that prefer an
+    honest answer *with* the filler, so it over-rewards the filler the way a real RM over-rewards a hack.
+    Session-scoped and listed before `ray_cluster` so that it trains before Ray's workers start up."""
+    from data.io import atomic_write_jsonl
+    from data.preferences import read_preferences
+    from data.world import make_prompts, preference_pairs
+    from modeling.reward import RewardEncoder, RewardModelConfig
+    from trainer.config import TrainerConfig
+    from trainer.lm_tasks import load_any_tokenizer
+    from trainer.loop import train
+    from trainer.rm_task import RewardTask, encode_pairs, write_encoded
+
+    root = tmp_path_factory.mktemp("planted")
+    base = atomic_write_jsonl(root / "base.jsonl", [r for d in ("math", "helpful") for r in preference_pairs(d, 32, seed=5)])
+    planted = atomic_write_jsonl(root / "planted.jsonl", [
+        {"domain": p.domain, "messages": p.messages, "rejected": respond(p, EARLY_STYLE[p.domain]),
+         "chosen": f"{respond(p, EARLY_STYLE[p.domain])} {FILLER} {FILLER}"}
+        for d in ("math", "helpful") for p in make_prompts(d, 32, seed=123)])
+    rm_cfg = RewardModelConfig()
+    encoded, _ = encode_pairs(read_preferences(base) + read_preferences(planted),
+                              RewardEncoder(load_any_tokenizer(str(tiny_dir)), rm_cfg))
+    task = RewardTask(data_path=str(write_encoded(encoded, root / "data")), tokenizer_path=str(tiny_dir),
+                      model_path=str(tiny_dir), rm=rm_cfg, max_tokens_per_batch=1024)
+    result = train(task, TrainerConfig(num_workers=1, lr=1e-3, max_steps=20, checkpoint_every=0), root / "rm0")
+    return result.model_dir, str(base)
+
+
+def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray_cluster, tmp_path, monkeypatch):
+    import dataclasses
+
+    import cluster.train
+    from actors.reward import RewardWorker
+    from jobs.rlhf_rounds import RMUpdateConfig
+
+    rm_dir, base = planted_rm
+    ctx = make_ctx(tmp_path / "run", rm_score=RewardWorker(rm_dir).score,
+                   rm_update=RMUpdateConfig(max_steps=15, lr=1e-3, max_tokens_per_batch=1024), eval_pairs_per_domain=8)
+    ctx = dataclasses.replace(ctx, rm_dir=rm_dir, base_pairs_path=base, trainer_overrides={"num_workers": 1})
+    rdir = ctx.round_dir
+
+    # 1. The RM update crashes: the round's preferences are on disk already, and the round is not marked done.
+    def no_training(*args, **kwargs):
+        raise RuntimeError("no training allowed here")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.train, "fit", no_training)
+        with pytest.raises(RuntimeError, match="no training allowed"):
+            end_of_round(ctx)
+    assert not (rdir / "round.json").exists() and not (rdir / "rm").exists()
+    fast = rows(rdir / "fast_pairs.jsonl")
+    patterns = json.loads((rdir / "patterns.json").read_text())["patterns"]
+
+    # The planted filler is found as a rising phrase, confirmed by the labeler, and exposed by 20-100 pairs
+    # (24 prompts give ~18 contrasting ones: the round sampled fresh prompts to reach 20).
+    phrase = [p for p in patterns if p["kind"] == "mined" and p["detected"]]
+    assert len(phrase) == 1 and set(phrase[0]["name"].removeprefix("phrase:").split()) <= set("trust me , this is correct .".split())
+    assert phrase[0]["rate_early"] == 0.0 and phrase[0]["rate_late"] > 0.6 and phrase[0]["over_reward_rate"] == 1.0
+    assert all(20 <= p["pairs"] <= 100 for p in patterns if p["detected"])
+    mined = [r for r in fast if phrase[0]["name"] in r["lineage"]["patterns"]]
+    assert len(mined) == phrase[0]["pairs"]
+    for r in mined:
+        assert FILLER in r["rejected"] and FILLER not in r["chosen"]
+        lin = r["lineage"]
+        assert (lin["path"], lin["round"]) == ("fast", 1)
+        assert (lin["chosen"]["source"], lin["chosen"]["policy_version"]) == ("early", 2)
+        assert (lin["rejected"]["source"], lin["rejected"]["policy_version"]) == ("late", 8)
+
+    # 2. Rerun: the saved pairs are reused (sampling again would fail) and the RM is trained.
+    def no_sampling(source, prompts):
+        raise AssertionError("the rerun must reuse the saved pairs, not sample again")
+
+    ctx = dataclasses.replace(ctx, generate=no_sampling)
+    result = end_of_round(ctx)
+    ev = result.rm_eval
+    assert result.new_rm_dir == str(rdir / "rm") and (rdir / "rm" / "reward_config.json").exists()
+    # The planted RM prefers the filler on every fast pair; after the update it prefers the honest answer.
+    assert ev["fast_pairs_acc_before"] <= 0.1 and ev["fast_pairs_acc_after"] >= 0.9
+    assert ev["fast_pairs"] == len(fast) and ev["train_base_pairs"] == 64 and ev["train_steps"] == 15
+    assert set(k for k in ev if k.startswith("heldout_acc_after/")) == {"heldout_acc_after/math", "heldout_acc_after/helpful"}
+    assert result.hack_rate_late > result.hack_rate_early and result.pair_counts["fast"] == len(fast)
+    assert [p["name"] for p in result.patterns] == [p["name"] for p in patterns if p["detected"]]
+    logged = {k: v for row in ctx.logger.rows for k, v in row.items()}
+    assert logged["online/rm/fast_pairs_acc_after"] == ev["fast_pairs_acc_after"]
+    assert logged["online/pairs/fast"] == len(fast) and "online/hack_rate_late" in logged
+    columns, table = ctx.logger.tables["online/round_1/patterns"]
+    assert len(table) == len(patterns) and columns[0] == "name"
+
+    # 3. A finished round is returned as saved, with no sampling and no training.
+    with monkeypatch.context() as m:
+        m.setattr(cluster.train, "fit", no_training)
+        assert end_of_round(ctx) == result
