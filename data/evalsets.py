@@ -172,9 +172,10 @@ def domain_scores(prompts: Sequence[Any], responses: Sequence[str],
     return mean_by_domain([p.domain for p in prompts], values)
 
 
-def reward_wins(candidate: Sequence[float], baseline: Sequence[float]) -> list[float]:
-    """Per pair: 1 when the candidate's reward is higher, 0.5 on a tie, 0 when lower."""
-    return [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)]
+def reward_wins(candidate: Sequence[float], baseline: Sequence[float], tie_tol: float = 1e-5) -> list[float]:
+    """Per pair: 1 when the candidate's reward is higher, 0.5 on a tie, 0 when lower. Rewards within `tie_tol`
+    are a tie: the same text scored in two batches differs by float noise from padding and batch mates."""
+    return [0.5 if abs(c - b) <= tie_tol else 1.0 if c > b else 0.0 for c, b in zip(candidate, baseline, strict=True)]
 
 
 def judged_wins(prompts: Sequence[Any], candidate: Sequence[str], baseline: Sequence[str],
