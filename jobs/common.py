@@ -171,6 +171,7 @@ class MetricsLogger:
                 mode=mode,
                 config=config,
                 job_type=job,
+                reinit="create_new",  # the demo holds its own run while each stage logs to another
                 settings=wandb.Settings(x_disable_stats=True, console="off", silent=True),
             )
 
