@@ -1,0 +1,87 @@
+"""The reward role: a saved conditional RM directory scoring (domain, conversation, response) items.
+
+    worker = RewardWorker("/runs/reward/model")
+    worker.score([{"domain": "math", "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+                   "response": "2 + 3 = 5."}])          # -> [score], each in (-5, 5)
+
+A plain class (no Ray decorator): RLHF wraps it with `ray.remote(RewardWorker).options(...)` in cluster/, the
+eval job uses it inside Ray Data, serve/reward_app.py inside a Serve deployment, tests call it directly.
+The domain's system prompt comes from the registry saved with the model (reward_config.json); the caller's
+messages carry none. Items are scored in length-sorted batches without gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from algo.rm_loss import SCORE_BOUND
+from modeling.reward import UnknownDomainError, load_reward_model
+
+MAX_SCORE = SCORE_BOUND - 1e-3  # the barrier keeps trained scores inside (-5, 5); a clamp guarantees it
+
+
+class ItemError(ValueError):
+    """A malformed item, located by index and field (serve/reward_app.py turns it into a 400)."""
+
+    def __init__(self, index: int, field_name: str, problem: str):
+        self.index, self.field_name = index, field_name
+        super().__init__(f"items[{index}].{field_name} {problem}")
+
+
+def check_item(index: int, item) -> tuple[str, list[dict], str]:
+    if not isinstance(item, dict):
+        raise ItemError(index, "", f"must be an object with domain, messages, response (got {type(item).__name__})")
+    domain, messages, response = item.get("domain"), item.get("messages"), item.get("response")
+    if not isinstance(domain, str) or not domain:
+        raise ItemError(index, "domain", "is missing or not a string")
+    if not isinstance(messages, list) or not messages:
+        raise ItemError(index, "messages", "must be a non-empty list of {role, content} messages (no system prompt)")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ItemError(index, f"messages[{j}]", "must be {\"role\": str, \"content\": str}")
+    if not isinstance(response, str):
+        raise ItemError(index, "response", "is missing or not a string")
+    return domain, messages, response
+
+
+class RewardWorker:
+    def __init__(self, model_dir: str, batch_size: int = 32, device: str = "cpu", dtype: str = "float32"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.model_dir, self.batch_size, self.device = str(model_dir), batch_size, torch.device(device)
+        self.model, self.encoder = load_reward_model(model_dir, dtype)
+        self.model.to(self.device).eval()
+
+    @property
+    def domains(self) -> list[str]:
+        """Accepted `domain` values; "default" scores without any condition."""
+        return self.model.cfg.known_domains
+
+    @property
+    def conditional(self) -> bool:
+        return self.model.cfg.conditional
+
+    def encode(self, items: list[dict]) -> list[list[int]]:
+        """Token ids per item; raises ItemError / UnknownDomainError (listing the known domains) on bad input."""
+        out = []
+        for i, item in enumerate(items):
+            domain, messages, response = check_item(i, item)
+            if domain not in self.domains:
+                raise UnknownDomainError(domain, self.domains)
+            out.append(self.encoder.encode(domain, messages, response))
+        return out
+
+    @torch.inference_mode()
+    def score(self, items: list[dict], clamp: bool = True) -> list[float]:
+        """One score per item, in input order. `clamp=False` returns the head's raw output (diagnostics)."""
+        seqs = self.encode(items)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch: less padding
+        scores = [0.0] * len(seqs)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            batch = {k: v.to(self.device) for k, v in self.encoder.collate([seqs[i] for i in chunk]).items()}
+            out = self.model(**batch)
+            if clamp:
+                out = out.clamp(-MAX_SCORE, MAX_SCORE)
+            for i, s in zip(chunk, out.tolist()):
+                scores[i] = float(s)
+        return scores

@@ -1,0 +1,88 @@
+"""The world's shared types: a prompt, a domain, and how a domain's prompts are split and sampled."""
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+HELDOUT_FRACTION = 0.2  # share of each domain's prompt *keys* reserved for evaluation
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One query of one domain. `messages` never carry a system prompt: the RM's condition is added by the RM."""
+
+    id: str
+    domain: str
+    messages: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+Style = Callable[[Prompt, random.Random], str]  # renders one response of a given style, deterministic given the rng
+
+
+def stable_fraction(key: str) -> float:
+    """A hash of `key` mapped to [0, 1), identical on every machine and Python run (unlike hash())."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(key: str) -> str:
+    return "heldout" if stable_fraction("split:" + key) < HELDOUT_FRACTION else "train"
+
+
+class Domain:
+    """A preference domain: a finite prompt universe, an oracle, and the response styles annotators compare.
+
+    Subclasses define `name`, `_universe()` (all prompts, each with meta["key"], the unit of the train/heldout
+    split), `score`, and `styles(prompt)` -> {"good": [...], "bad": [...], "hack": [...]} naming entries of
+    `STYLES`. "hack" styles are never in the base preference pairs: they are what an RM trained on those pairs
+    over-rewards while the oracle does not (see docs/design.md, "The preference world").
+    """
+
+    name: str
+    STYLES: dict[str, Style]
+    sft_style: str
+
+    def __init__(self) -> None:
+        self._cache: dict[str, list[Prompt]] = {}
+
+    def _universe(self) -> list[Prompt]:
+        raise NotImplementedError
+
+    def universe(self, split: str) -> list[Prompt]:
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if split not in self._cache:
+            self._cache[split] = [p for p in self._universe() if split_of(p.meta["key"]) == split]
+        return self._cache[split]
+
+    def sample_prompts(self, n: int, rng: random.Random, split: str) -> list[Prompt]:
+        """n prompts: passes over the shuffled universe, repeating only when n exceeds its size."""
+        pool = self.universe(split)
+        out: list[Prompt] = []
+        while len(out) < n:
+            order = pool[:]
+            rng.shuffle(order)
+            out.extend(order[: n - len(out)])
+        return out
+
+    def score(self, prompt: Prompt, response: str) -> float:
+        raise NotImplementedError
+
+    def styles(self, prompt: Prompt) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def respond(self, prompt: Prompt, style: str, rng: random.Random) -> str:
+        if style not in self.STYLES:
+            raise ValueError(f"domain {self.name!r} has no response style {style!r}; styles: {sorted(self.STYLES)}")
+        return self.STYLES[style](prompt, rng)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,207 @@
+"""The preference world: determinism, disjoint splits, oracles vs annotators, conflicts, and the three labelers."""
+from __future__ import annotations
+
+import http.server
+import json
+import random
+import socket
+import threading
+
+import pytest
+
+from data.io import DataError
+from data.world import (
+    DOMAINS, Comparison, FileLabeler, HttpJudgeLabeler, JudgeError, ProgrammaticLabeler, annotator, conflict_pairs,
+    get_domain, make_prompts, preference_pairs, respond, score, sft_conversations, styles, to_preference_rows,
+    write_labels,
+)
+
+
+def test_domains_cover_the_required_kinds():
+    assert len(DOMAINS) >= 5 and {"math", "harmless", "concise", "detailed"} <= set(DOMAINS)
+    unsafe = [p.meta["unsafe"] for p in make_prompts("harmless", 200, seed=0)]
+    assert any(unsafe) and not all(unsafe)  # both refusals and answers are wanted
+    q = make_prompts("math", 1, seed=0)[0]
+    assert score(q, f"{q.meta['a']} + {q.meta['b']} = {q.meta['answer']}.") == 1.0
+    assert all(m["role"] != "system" for d in DOMAINS for p in make_prompts(d, 20, seed=1) for m in p.messages)
+
+
+def test_everything_is_deterministic_in_its_seed():
+    for d in DOMAINS:
+        assert make_prompts(d, 30, seed=4) == make_prompts(d, 30, seed=4)
+        assert [p.id for p in make_prompts(d, 30, seed=4)] != [p.id for p in make_prompts(d, 30, seed=5)]
+    assert preference_pairs("code", 25, seed=2) == preference_pairs("code", 25, seed=2)
+    assert sft_conversations(40, seed=1) == sft_conversations(40, seed=1)
+    assert sft_conversations(40, seed=1) != sft_conversations(40, seed=2)
+    assert conflict_pairs(10, seed=3) == conflict_pairs(10, seed=3)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_train_and_heldout_prompts_never_share_a_key_or_a_text(domain):
+    dom = get_domain(domain)
+    train, held = dom.universe("train"), dom.universe("heldout")
+    assert held and train
+    assert not {p.meta["key"] for p in train} & {p.meta["key"] for p in held}
+    assert not {p.text for p in train} & {p.text for p in held}
+    drawn = make_prompts(domain, 3 * len(held), seed=0, split="heldout")  # more than the split: cycles, never leaks
+    assert {p.id for p in drawn} <= {p.id for p in held}
+    with pytest.raises(ValueError, match="split"):
+        make_prompts(domain, 1, seed=0, split="test")
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_annotators_agree_with_the_oracle_and_pairs_are_ordered_by_it(domain):
+    judge = annotator(domain)
+    rng = random.Random(0)
+    for prompt in make_prompts(domain, 25, seed=7):
+        names = [s for group in styles(prompt).values() for s in group]
+        a, b = (respond(prompt, s, rng.randrange(100)) for s in rng.sample(names, 2))
+        expected = 0 if score(prompt, a) >= score(prompt, b) else 1
+        assert judge.prefer(prompt, a, b) == expected
+        for response in (a, b):
+            assert 0.0 <= score(prompt, response) <= 1.0
+    rows = preference_pairs(domain, 60, seed=1, split="heldout")
+    assert len(rows) == 60
+    by_id = {p.id: p for p in get_domain(domain).universe("heldout")}
+    for r in rows:
+        p = by_id[r["prompt_id"]]
+        assert score(p, r["chosen"]) > score(p, r["rejected"])
+        assert r["chosen_style"] in styles(p)["good"] and r["rejected_style"] in styles(p)["bad"]
+    with pytest.raises(ValueError, match="annotator of"):
+        annotator("math").prefer(make_prompts("code", 1, seed=0)[0], "a", "b")
+
+
+def test_hack_styles_score_below_good_ones_and_the_oracle_survives_any_text():
+    for domain in DOMAINS:
+        for prompt in make_prompts(domain, 10, seed=3):
+            kinds = styles(prompt)
+            best = max(score(prompt, respond(prompt, s)) for s in kinds["good"])
+            assert all(score(prompt, respond(prompt, h)) < best for h in kinds["hack"])
+            for junk in ("", "   ", "12345", "def (((", "I can't help with that." * 30, "```python\nimport os\n```"):
+                assert 0.0 <= score(prompt, junk) <= 1.0
+    code = make_prompts("code", 1, seed=0)[0]
+    name, (x, y) = code.meta["function"], code.meta["args"]
+    escape = f"def {name}({x}, {y}):\n    return __import__('os').getpid()"  # never executed: not whitelisted
+    assert score(code, escape) == 0.0
+
+
+def test_concise_and_detailed_disagree_on_the_same_conflict_pair():
+    rows = conflict_pairs(30, seed=0)
+    assert len(rows) == 60
+    for k in range(30):
+        concise, detailed = (r for r in rows if r["conflict_id"] == k)
+        assert concise["domain"] == "concise" and detailed["domain"] == "detailed"
+        assert concise["messages"] == detailed["messages"]
+        assert (concise["chosen"], concise["rejected"]) == (detailed["rejected"], detailed["chosen"])
+        assert len(concise["chosen"]) < len(detailed["chosen"])  # concise keeps the short correct answer
+
+
+def test_sft_conversations_are_openai_rows_with_good_answers():
+    rows = sft_conversations(60, seed=0)
+    assert all(set(r) == {"messages"} and [m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+    texts = {r["messages"][0]["content"] for r in rows}
+    assert any("+" in t for t in texts) and any("Python" in t for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------- labelers
+
+
+def _comparisons(n: int = 6) -> list[Comparison]:
+    out = []
+    for i, p in enumerate(make_prompts("helpful", n, seed=2)):
+        a, b = respond(p, "medium"), respond(p, "unsure")
+        out.append(Comparison(f"c{i}", p, a, b) if i % 2 == 0 else Comparison(f"c{i}", p, b, a))
+    return out
+
+
+def test_programmatic_labeler_and_rows_from_labels():
+    comps = _comparisons()
+    labels = ProgrammaticLabeler().label(comps)
+    assert labels == [0, 1, 0, 1, 0, 1]
+    rows = to_preference_rows(comps, [labels[0], None] + labels[2:])
+    assert len(rows) == 5 and all(r["chosen"].startswith(("Wash", "Paint", "Tighten", "Dry", "Keep", "Lift")) for r in rows)
+
+
+def test_file_labeler_reads_labels_as_they_arrive_and_rejects_bad_rows(tmp_path):
+    comps = _comparisons(4)
+    path = tmp_path / "labels.jsonl"
+    with pytest.raises(FileNotFoundError, match="missing_ok"):
+        FileLabeler(path).label(comps)
+    labeler = FileLabeler(path, missing_ok=True)
+    assert labeler.label(comps) == [None] * 4  # nobody has labelled anything yet
+    write_labels(path, ["c1", "unknown-id"], [1, 0])
+    assert labeler.label(comps) == [None, 1, None, None]
+    write_labels(path, ["c0", "c1"], [0, 0])  # a later line for the same id wins
+    assert labeler.label(comps) == [0, 0, None, None]
+    with open(path, "a") as f:
+        f.write(json.dumps({"id": "c2", "label": "b"}) + "\n")
+    with pytest.raises(DataError) as err:
+        labeler.label(comps)
+    assert err.value.line == 5 and err.value.field_name == "label" and "labels.jsonl" in str(err.value)
+
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+    mode = "ok"
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        try:
+            self._answer()
+        except BrokenPipeError:  # the client gave up first (the timeout case)
+            pass
+
+    def _answer(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.mode == "slow":
+            import time
+
+            time.sleep(1.5)
+        if self.mode == "error":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"judge exploded")
+            return
+        pairs = body["pairs"]
+        labels = [1 if len(p["b"]) > len(p["a"]) else 0 for p in pairs]  # this judge likes longer replies
+        if self.mode == "short":
+            labels = labels[:-1]
+        payload = json.dumps({"labels": labels}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/judge"
+    server.shutdown()
+    _Judge.mode = "ok"
+
+
+def test_http_judge_labeler_parses_replies_and_explains_failures(judge_url):
+    comps = _comparisons(5)
+    expected = [1 if len(c.b) > len(c.a) else 0 for c in comps]
+    assert HttpJudgeLabeler(judge_url, batch_size=2).label(comps) == expected  # 3 requests, order kept
+    _Judge.mode = "short"
+    with pytest.raises(JudgeError, match="expected one per pair"):
+        HttpJudgeLabeler(judge_url).label(comps)
+    _Judge.mode = "error"
+    with pytest.raises(JudgeError, match="HTTP 500: judge exploded"):
+        HttpJudgeLabeler(judge_url).label(comps)
+    _Judge.mode = "slow"
+    with pytest.raises(JudgeError, match="did not answer within 0.5s"):
+        HttpJudgeLabeler(judge_url, timeout_s=0.5).label(comps[:1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    with pytest.raises(JudgeError, match="cannot reach judge"):
+        HttpJudgeLabeler(f"http://127.0.0.1:{dead}/judge", timeout_s=2).label(comps[:1])
+    with pytest.raises(ValueError, match="http"):
+        HttpJudgeLabeler("ftp://x")
