@@ -1,0 +1,706 @@
+"""Multi-round online COOL RLHF: PPO with a critic, every model role a group of Ray actors (spec cool-rlhf.md §7.3-7.4).
+
+    python jobs/rlhf.py policy.path=<sft model_dir> reward.path=<rm model_dir>                 # laptop, local Ray
+    ray job submit --working-dir . -- python jobs/rlhf.py policy.path=... reward.path=... run.root=/shared/out \
+        rlhf/placement=spread rlhf/scale=paper placement.policy.gpus_per_actor=1 ...               # a cluster
+
+Roles (one `cluster.actor_group.ActorGroup` each, sized and placed by `placement.<role>`): policy (trained, from
+SFT), critic (trained, from the RM backbone with a fresh value head), reference (frozen SFT), reward (the conditional
+RM, frozen within a round and reloaded after each), rollout (HF engine on CPU, vLLM on GPU; weights pushed after each
+policy update). The placement is checked against the cluster before any model loads (`cluster.placement`).
+
+One iteration (`ppo_iteration`, top to bottom): sample B domain-tagged prompts (+ ~B/2 pretraining rows) -> rollout
+-> RM score of [domain system prompt] + prompt + response, clip [-5, 5], running normalisation -> reference log-probs,
+critic values, policy log-probs -> per-token k1 KL penalty + score on the last token -> GAE (gamma 1, lambda 0.99) ->
+critic step (and, after the warm-up, the policy step: clipped surrogate eps 0.2 + 0.5 PTX) -> versioned weight sync ->
+metrics. A round is `iterations_per_round` iterations; the policy after the first `early_fraction` of them is the
+round's "early" snapshot, the policy at its end the "late" one; `jobs.rlhf_rounds.end_of_round` then mines reward
+hacks (fast path), labels SFT/early/late comparisons (slow path), and updates the RM, which the reward role reloads.
+
+Deliberate choices and deviations from the report [R §4.2.3], all configurable:
+- Scale: the defaults are sized for the tiny world on 2 CPU cores (B=36 prompts, 24 new tokens, actor LR 5e-5,
+  critic LR 5e-4, 2 critic warm-up iterations, 3 rounds x 8 iterations). The report's scale (LR 1e-6 / 5e-6, 50
+  warm-up iterations, ~500 prompts per iteration) is `rlhf/scale=paper`.
+- Across rounds the policy *and* the critic continue (the report leaves open whether PPO restarts each round).
+- The PPO ratio uses the policy's own recomputed log-probs as pi_old (temperature-scaled, no top-p truncation);
+  the engine's sampling log-probs are only compared with the same quantity under top-p (`mismatch/*`).
+- One PPO epoch, one mini-batch per rollout batch (XTuner's policy_learn_time=1).
+- Reward of a truncated response is the RM's score of the truncated text (no extra length penalty).
+
+Checkpoints (complete state at iteration boundaries, `jobs/rlhf_state.py`) make reruns of the same command resume;
+a dead or hung role actor restarts every role from the last checkpoint up to `max_actor_restarts` times, then the job
+fails naming the role and the phase. Every remote wait is bounded (`timeouts.*`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from cluster.runtime_env import apply_process_defaults  # noqa: E402
+
+apply_process_defaults()
+
+import torch  # noqa: E402
+
+from actors.batch import build_lm_batch, build_sequence_batch  # noqa: E402
+from actors.critic import CriticConfig  # noqa: E402
+from actors.faults import FaultConfig  # noqa: E402
+from actors.policy import PolicyConfig  # noqa: E402
+from actors.reference import ReferenceConfig  # noqa: E402
+from actors.rollout import RolloutConfig, SamplingConfig  # noqa: E402
+from algo.advantages import AdvantageConfig, compute_advantages  # noqa: E402
+from algo.kl import KLConfig, build_kl_controller  # noqa: E402
+from algo.masked import (  # noqa: E402
+    compute_aggregation_denominator,
+    compute_explained_variance,
+    compute_logprob_mismatch,
+    compute_masked_mean,
+)
+from algo.ppo import PPOLossConfig  # noqa: E402
+from algo.rewards import compute_token_rewards  # noqa: E402
+from algo.stats import RewardNormalizer, RewardNormConfig  # noqa: E402
+from cluster.placement import RoleResources  # noqa: E402
+from cluster.runtime import ClusterConfig, init_ray  # noqa: E402
+from cluster.timeouts import PhaseTimeout, RoleDied  # noqa: E402
+from cluster.weight_sync import WeightSyncConfig  # noqa: E402
+from jobs.common import LoggingConfig, Run, RunConfig, progress, run_job  # noqa: E402
+from jobs.rlhf_roles import (  # noqa: E402
+    ROLES,
+    PhaseTimer,
+    Roles,
+    forward_passes,
+    generate,
+    push_policy,
+    reward_args,
+    score,
+    serve_weights,
+    start_local_roles,
+    start_roles,
+    train,
+)
+from jobs.rlhf_rounds import OnlineConfig  # noqa: E402
+from jobs.rlhf_state import Checkpointer, DriverState, PromptStream, PTXStream  # noqa: E402
+
+__all__ = ["RLHFJobConfig", "main", "start_roles", "start_local_roles", "ppo_iteration", "build_context"]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class RewardRoleConfig:
+    path: str = ""  # the conditional RM directory (jobs/reward.py summary: model_dir)
+    # Base preference pairs the RM was trained on (the online RM update retrains on base + new pairs).
+    # "" = the `train_pairs_path` recorded in the RM job's summary.json next to the RM directory.
+    base_pairs_path: str = ""
+    batch_size: int = 32  # items per RM forward
+    dtype: str = "float32"
+
+
+def _res(cpus: float = 0.25, colocate: str | None = "policy") -> RoleResources:
+    return RoleResources(num_actors=1, cpus_per_actor=cpus, colocate_with=colocate)
+
+
+@dataclass
+class RLHFPlacementConfig:
+    """Per-role actors and resources. Default (`rlhf/placement=colocated`): every role shares the policy's bundle,
+    a quarter CPU each, so the whole job fits one laptop core pair; `rlhf/placement=spread` gives each role its own
+    placement group (and custom node resources pin roles to nodes)."""
+
+    policy: RoleResources = field(default_factory=lambda: _res(colocate=None))
+    critic: RoleResources = field(default_factory=_res)
+    reference: RoleResources = field(default_factory=_res)
+    reward: RoleResources = field(default_factory=_res)
+    rollout: RoleResources = field(default_factory=_res)
+
+    def as_dict(self) -> dict[str, RoleResources]:
+        return {role: getattr(self, role) for role in ROLES}
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = 36  # B prompts per iteration, 6 per world domain (report: ~500)
+    critic_warmup_iterations: int = 2  # critic-only iterations at the start (report: 50; tiny default, see docstring)
+    kl: KLConfig = field(default_factory=KLConfig)  # beta 0.01, k1, fixed
+    reward_norm: RewardNormConfig = field(default_factory=RewardNormConfig)  # clip [-5, 5], running normalisation
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # GAE gamma 1, lambda 0.99, no whitening
+    loss: PPOLossConfig = field(default_factory=PPOLossConfig)  # eps 0.2, no value clip, ptx 0.5, token-mean
+
+    def __post_init__(self) -> None:
+        if self.rollout_batch_size < 1:
+            raise ValueError(f"ppo.rollout_batch_size must be >= 1 (got {self.rollout_batch_size})")
+        if self.critic_warmup_iterations < 0:
+            raise ValueError(f"ppo.critic_warmup_iterations must be >= 0 (got {self.critic_warmup_iterations})")
+
+
+@dataclass
+class PTXConfig:
+    packed_dir: str = ""  # jobs/data.py's packed_dir; "" = no pretraining loss (a notice is logged)
+    ratio: float = 0.5  # pretraining rows per prompt (report: PTX data ~50% of the PPO data)
+    max_len: int = 128  # tokens kept per packed row
+
+    def __post_init__(self) -> None:
+        if self.ratio < 0 or self.max_len < 2:
+            raise ValueError(f"ptx.ratio must be >= 0 and ptx.max_len >= 2 (got {self.ratio}, {self.max_len})")
+
+
+@dataclass
+class PromptConfig:
+    domains: list[str] = field(default_factory=list)  # [] = every domain of the world
+    pool_per_domain: int = 200  # training prompts per domain (the stream reshuffles them each epoch)
+
+
+@dataclass
+class EvalConfig:
+    heldout_per_domain: int = 12  # held-out prompts per domain for the oracle score (greedy decoding)
+    max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
+
+
+@dataclass
+class PhaseTimeouts:
+    """Upper bounds (seconds) on every remote wait; a phase over its bound fails (or restarts) naming role+phase."""
+
+    start_s: float = 600.0
+    generate_s: float = 900.0
+    score_s: float = 600.0
+    forward_s: float = 600.0
+    train_s: float = 900.0
+    sync_s: float = 600.0
+    checkpoint_s: float = 600.0
+
+
+@dataclass
+class RMUpdateWorkers:
+    """Ray Train workers of the between-round RM update (`online.rm_update` says what they train). They run while
+    the roles keep their reservations, so by default one worker takes the CPUs the roles leave free."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 0.0  # 0 = what the roles leave free on the cluster, at most 1
+    gpus_per_worker: float = 0.0
+    backend: str = "ddp"  # ddp | deepspeed
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ValueError("rm_update_workers: num_workers must be >= 1, cpus/gpus_per_worker >= 0")
+
+
+@dataclass
+class RLHFJobConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="rlhf"))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)  # path "" = reward.path
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # path "" = policy.path
+    reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
+        sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=24)))  # model_path "" = policy.path
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    placement: RLHFPlacementConfig = field(default_factory=RLHFPlacementConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    rm_update_workers: RMUpdateWorkers = field(default_factory=RMUpdateWorkers)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
+    rounds: int = 3
+    iterations_per_round: int = 8
+    early_fraction: float = 1 / 3  # the "early" snapshot is taken after this share of a round's iterations
+    checkpoint_every: int = 1  # iterations between checkpoints (also at every snapshot, round end and stop)
+    checkpoint_keep: int = 2
+    max_actor_restarts: int = 1  # restarts of all roles from the last checkpoint after an actor dies or hangs
+    stop_after_iterations: int = 0  # tests: return (as if killed) once this many iterations are done; 0 = off
+    fault: FaultConfig = field(default_factory=FaultConfig)  # tests: make one role's actor die
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.iterations_per_round < 1:
+            raise ValueError(f"rounds and iterations_per_round must be >= 1 (got {self.rounds}, {self.iterations_per_round})")
+        if not 0 < self.early_fraction < 1:
+            raise ValueError(f"early_fraction must be in (0, 1) (got {self.early_fraction}); the report's 'early' is "
+                             "an early-stage PPO checkpoint of the round, e.g. 0.33")
+        if self.max_actor_restarts < 0 or self.checkpoint_keep < 1 or self.checkpoint_every < 1:
+            raise ValueError("max_actor_restarts must be >= 0, checkpoint_keep >= 1 and checkpoint_every >= 1")
+        if self.fault.role not in ("", "policy", "critic"):
+            raise ValueError(f"fault.role must be '', policy or critic (got {self.fault.role!r})")
+        small = [r for r, res in self.placement.as_dict().items() if res.num_actors > self.ppo.rollout_batch_size]
+        if small:
+            raise ValueError(f"placement.{small[0]}.num_actors exceeds ppo.rollout_batch_size="
+                             f"{self.ppo.rollout_batch_size}: some ranks would get no rows")
+        for role in ("policy", "critic"):
+            ranks = getattr(self.placement, role).num_actors
+            micro = getattr(self, role).trainer.micro_batch_size
+            if self.ppo.rollout_batch_size % (ranks * micro):
+                raise ValueError(
+                    f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple of "
+                    f"placement.{role}.num_actors x {role}.trainer.micro_batch_size = {ranks} x {micro}, so every "
+                    "rank takes the same number of micro-batches per step"
+                )
+
+    @property
+    def total_iterations(self) -> int:
+        return self.rounds * self.iterations_per_round
+
+    @property
+    def early_iteration(self) -> int:
+        """Iteration within a round (1-based) after which the early snapshot is taken."""
+        return max(1, round(self.iterations_per_round * self.early_fraction))
+
+
+# ---------------------------------------------------------------------------------------------- the algorithm
+
+
+class ChatCodec:
+    """Prompts to token ids with the policy's chat template (no system prompt: that is the RM's condition only)."""
+
+    def __init__(self, path: str):
+        from modeling.loading import load_tokenizer
+        from modeling.tiny import IM_END
+
+        self.tokenizer = load_tokenizer(path)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(IM_END)] if IM_END in self.tokenizer.get_vocab() else []
+
+    def encode(self, prompt) -> list[int]:
+        text = self.tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@dataclass
+class Context:
+    """Everything the loop touches; `state` is what a checkpoint stores (with the engines' states)."""
+
+    cfg: RLHFJobConfig
+    run: Run
+    roles: Roles
+    state: DriverState
+    codec: ChatCodec
+    prompts: PromptStream
+    ptx: PTXStream | None
+    normalizer: RewardNormalizer
+    kl_ctl: Any
+    ckpt: Checkpointer | None
+    base_pairs: str = ""  # the RM's own training pairs (see resolve_base_pairs)
+    started: float = field(default_factory=time.time)
+
+    def sampling(self, seed: int, **changes: Any) -> SamplingConfig:
+        base = self.cfg.rollout.sampling
+        stops = sorted(set(base.stop_token_ids) | set(self.codec.stop_ids))
+        return dataclasses.replace(base, seed=seed, stop_token_ids=stops, **changes)
+
+
+def iteration_seed(run_seed: int, iteration: int) -> int:
+    # Distinct per (run seed, iteration) and far apart, since prompt i of a call samples with seed + i.
+    return (run_seed * 1_000_003 + iteration * 65_537) % 2**31
+
+
+def ppo_iteration(ctx: Context) -> dict[str, float]:
+    """One PPO iteration, in the order of the algorithm (spec §7.4 steps 1-7)."""
+    cfg, roles, state, to = ctx.cfg, ctx.roles, ctx.state, ctx.cfg.timeouts
+    iteration = state.iteration + 1
+    timer, started = PhaseTimer(), time.perf_counter()
+
+    # 1. B domain-tagged prompts (+ pretraining rows for PTX), drawn by cursor so a resumed run draws the same.
+    prompts = ctx.prompts.batch(state.prompt_cursor, cfg.ppo.rollout_batch_size)
+    ptx_rows = ctx.ptx.batch(state.ptx_cursor, round(cfg.ptx.ratio * len(prompts))) if ctx.ptx else []
+
+    # 2. Rollout with the current policy (top_p 0.9, temperature 1, stop on <|im_end|>) + sampling log-probs.
+    serve_weights(roles, state, "policy", timeout_s=to.sync_s)
+    with timer("generate"):
+        rollouts = generate(roles, [ctx.codec.encode(p) for p in prompts],
+                            ctx.sampling(iteration_seed(cfg.run.seed, iteration)), to.generate_s)
+    batch = build_sequence_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], ctx.codec.pad_id)
+    mask = batch["response_mask"]
+    texts = [ctx.codec.decode(r.response_ids) for r in rollouts]
+
+    # 3. Conditional reward: [domain system prompt] + prompt + response; clip to [-5, 5], running normalisation.
+    with timer("score"):
+        raw = torch.tensor(score(roles, [{"domain": p.domain, "messages": p.messages, "response": t}
+                                         for p, t in zip(prompts, texts)], to.score_s))
+    scores = ctx.normalizer(raw)
+
+    # 4. Reference log-probs, critic values, policy log-probs (pi_old) of the sampled tokens.
+    fwd = forward_passes(roles, batch, timer, to.forward_s)
+
+    # 5. Per-token reward r_t = -beta * KL_t (+ score at the last token); GAE advantages and critic returns.
+    kl_coef = ctx.kl_ctl.coef
+    rewards, kl_metrics = compute_token_rewards(scores, fwd["logprobs"], fwd["ref_logprobs"], mask, kl_coef,
+                                                cfg.ppo.kl.estimator)
+    advantages, returns = compute_advantages(rewards, fwd["values"], mask, cfg.ppo.advantage)
+    ctx.kl_ctl.update(float(kl_metrics["kl/seq_sum_mean"]), len(prompts))
+
+    # 6. Train: the critic every iteration, the policy once the critic warm-up is over. Global denominators make
+    #    the loss exact however the batch is split over ranks and micro-batches.
+    train_policy = iteration > cfg.ppo.critic_warmup_iterations
+    train_batch = {**batch, "old_logprobs": fwd["logprobs"], "advantages": advantages, "returns": returns,
+                   "values": fwd["values"],
+                   "denominator": compute_aggregation_denominator(mask, cfg.ppo.loss.aggregation)}
+    ptx = None
+    if ptx_rows and cfg.ppo.loss.ptx_coef > 0:
+        ptx = build_lm_batch(ptx_rows, ctx.codec.pad_id)
+        ptx["denominator"] = ptx["loss_mask"].to(torch.float64).sum()
+    with timer("train"):
+        train_metrics = train(roles, train_batch, ptx, train_policy, to.train_s)
+
+    # 7. Versioned weight sync policy -> rollout engines (fingerprint-checked).
+    if train_policy:
+        state.policy_version += 1
+        with timer("sync"):
+            push_policy(roles, state, to.sync_s)
+
+    state.prompt_cursor += len(prompts)
+    state.ptx_cursor += len(ptx_rows)
+    # Like-for-like with the engine (top-p processed); a sampled token the trainer puts outside its nucleus (a
+    # boundary case of float differences) is counted apart rather than as an infinite difference.
+    processed = fwd["processed_logprobs"]
+    outside = ~torch.isfinite(processed) & mask.bool()
+    mismatch = compute_logprob_mismatch(torch.where(outside, fwd["logprobs"], processed),
+                                        torch.tensor(_pad_logprobs(rollouts, mask)), mask, clip_eps=cfg.ppo.loss.clip_eps)
+    elapsed = time.perf_counter() - started
+    by_domain: dict[str, list[float]] = {}
+    for p, r in zip(prompts, raw.tolist()):
+        by_domain.setdefault(p.domain, []).append(r)
+    return {
+        "round": (iteration - 1) // cfg.iterations_per_round + 1,
+        "iteration": iteration,
+        "reward/raw_mean": float(raw.mean()),
+        "reward/normalized_mean": float(scores.mean()),
+        **{f"reward/{d}": sum(v) / len(v) for d, v in sorted(by_domain.items())},
+        "kl": float(kl_metrics["kl/seq_sum_mean"]),
+        "kl/token_mean": float(kl_metrics["kl/token_mean"]),
+        "kl/coef": kl_coef,
+        "entropy": float(compute_masked_mean(fwd["entropy"], mask)),
+        "advantages/mean": float(compute_masked_mean(advantages, mask)),
+        "critic/explained_var": float(compute_explained_variance(fwd["values"], returns, mask)),
+        "response_length/mean": float(mask.sum(dim=1).mean()),
+        "response_length/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "mismatch/mean_abs": float(mismatch["mismatch/abs_diff_mean"]),
+        "mismatch/p95_abs": float(mismatch["mismatch/abs_diff_p95"]),
+        "mismatch/max_abs": float(mismatch["mismatch/abs_diff_max"]),
+        "mismatch/ratio_outside_clip_frac": float(mismatch["mismatch/ratio_outside_clip_frac"]),
+        "mismatch/outside_nucleus_frac": float(outside.sum() / mask.sum()),
+        "policy/trained": float(train_policy),
+        **train_metrics,
+        **timer.times,
+        "time/iteration": elapsed,
+        "tokens_per_second": float(mask.sum()) / elapsed,
+        "weight_version": state.weight_version,
+    }
+
+
+def _pad_logprobs(rollouts: list, mask: torch.Tensor) -> list[list[float]]:
+    width = mask.shape[1]
+    return [list(r.response_logprobs) + [0.0] * (width - len(r.response_logprobs)) for r in rollouts]
+
+
+# ---------------------------------------------------------------------------------------------- rounds
+
+
+def run_rounds(ctx: Context) -> dict:
+    """All rounds from wherever the state stands (or up to `stop_after_iterations`); returns the summary."""
+    cfg, state, k = ctx.cfg, ctx.state, ctx.cfg.iterations_per_round
+    if not state.oracle_sft:
+        state.oracle_sft = evaluate_oracle(ctx)  # the rollout engines still hold the SFT weights
+    bar = progress(total=cfg.total_iterations, desc="rlhf iterations", enabled=cfg.logging.progress)
+    bar.update(state.iteration)
+    while True:
+        if cfg.stop_after_iterations and state.iteration >= cfg.stop_after_iterations:
+            bar.close()
+            return {"completed": False, "stopped_after_iterations": cfg.stop_after_iterations,
+                    "iterations": state.iteration, "placement": ctx.roles.where()}
+        if len(state.round_results) < state.iteration // k:  # a round ended and its online step is still due
+            finish_round(ctx, len(state.round_results) + 1)
+            save_checkpoint(ctx)
+            continue
+        if state.iteration >= cfg.total_iterations:
+            break
+        metrics = ppo_iteration(ctx)
+        state.iteration += 1
+        state.last_metrics = metrics
+        ctx.run.logger.log(metrics, step=state.iteration)
+        bar.set_postfix(reward=f"{metrics['reward/raw_mean']:.2f}", kl=f"{metrics['kl']:.3f}")
+        early = (state.iteration - 1) % k + 1 == cfg.early_iteration
+        if early:
+            take_snapshot(ctx, f"r{(state.iteration - 1) // k + 1}/early")
+        if early or state.iteration % cfg.checkpoint_every == 0 or state.iteration % k == 0 \
+                or state.iteration == cfg.stop_after_iterations:
+            save_checkpoint(ctx)
+        bar.update(1)
+    bar.close()
+    return finish_run(ctx)
+
+
+def take_snapshot(ctx: Context, name: str) -> str:
+    """Export the live policy as an HF directory (the round's early/late policy for the online paths)."""
+    out = str(ctx.run.dir / "snapshots" / name.replace("/", "_"))
+    ctx.roles.policy.get(ctx.roles.policy.call("export_hf", out), phase=f"export {name}",
+                         timeout_s=ctx.cfg.timeouts.checkpoint_s)
+    ctx.state.snapshots[name] = out
+    ctx.state.snapshot_versions[name] = ctx.state.policy_version
+    return out
+
+
+def finish_round(ctx: Context, round_index: int) -> None:
+    """Online step of a round (fast + slow path, RM update) and the reward role's reload with the new RM."""
+    from jobs.rlhf_rounds import RoundContext, end_of_round
+
+    cfg, state, roles = ctx.cfg, ctx.state, ctx.roles
+    late = f"r{round_index}/late"
+    take_snapshot(ctx, late)
+    early = f"r{round_index}/early" if f"r{round_index}/early" in state.snapshots else late
+
+    def generate_texts(source: str, prompts: list) -> list[str]:
+        name = {"sft": "sft", "early": early, "late": "policy"}[source]
+        serve_weights(roles, state, name, state.snapshots.get(name, ""), cfg.timeouts.sync_s)
+        seed = iteration_seed(cfg.run.seed, 10_000 + 3 * round_index + ("sft", "early", "late").index(source))
+        rollouts = generate(roles, [ctx.codec.encode(p) for p in prompts], ctx.sampling(seed), cfg.timeouts.generate_s)
+        return [ctx.codec.decode(r.response_ids) for r in rollouts]
+
+    result = end_of_round(RoundContext(
+        round=round_index, run_dir=ctx.run.dir, rm_dir=state.rm_dir, base_pairs_path=ctx.base_pairs,
+        prior_pair_files=[r["pairs_path"] for r in state.round_results if r.get("pairs_path")], cfg=cfg.online,
+        generate=generate_texts, rm_score=lambda items: score(roles, items, cfg.timeouts.score_s),
+        logger=ctx.run.logger, seed=cfg.run.seed, sft_dir=cfg.policy.path, log_step=state.iteration,
+        trainer_overrides=rm_update_overrides(cfg.rm_update_workers),
+        policy_versions={"sft": 0, "early": state.snapshot_versions[early], "late": state.policy_version},
+    ))
+    state.round_results.append(dataclasses.asdict(result))
+    if result.new_rm_dir and result.new_rm_dir != state.rm_dir:
+        reload_reward(ctx, result.new_rm_dir)
+    log_round(ctx, round_index, result)
+
+
+def rm_update_overrides(workers: RMUpdateWorkers) -> dict[str, Any]:
+    """TrainerConfig fields for the RM update's Ray Train workers, sized to what the roles leave free."""
+    import ray
+
+    cpus = workers.cpus_per_worker
+    if cpus == 0:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free < 0.1:
+            raise RuntimeError(
+                f"the RLHF roles leave {free:g} CPU free, so the RM update's Ray Train worker cannot start; lower "
+                "placement.<role>.cpus_per_actor or give rm_update_workers.cpus_per_worker explicitly"
+            )
+        cpus = min(1.0, round(free - 0.05, 2))  # a little slack for Ray Train's own tasks
+    return {"num_workers": workers.num_workers, "cpus_per_worker": cpus, "gpus_per_worker": workers.gpus_per_worker,
+            "backend": workers.backend}
+
+
+def reload_reward(ctx: Context, rm_dir: str) -> None:
+    ctx.roles.groups["reward"].shutdown()
+    ctx.roles.groups["reward"] = ctx.roles.spawn("reward", reward_args(ctx.cfg, rm_dir))
+    ctx.state.rm_dir = rm_dir
+
+
+def log_round(ctx: Context, round_index: int, result) -> None:
+    """`end_of_round` logs the online/ metrics and the pattern table itself; the console gets the gist."""
+    names = [p.get("name", "?") for p in result.patterns if p.get("detected", True)]
+    print(f"round {round_index}: hack pattern(s) {names}, pairs {result.pair_counts}, hack rate early "
+          f"{result.hack_rate_early:.3f} -> late {result.hack_rate_late:.3f}, new RM {result.new_rm_dir}",
+          file=sys.stderr)
+
+
+def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
+    """The preference pairs the RM was trained on (the online RM update trains on them plus the new pairs).
+
+    `reward.base_pairs_path` when given; else read off the reward job's run directory (the parent of its model_dir,
+    holding its resolved config.yaml): its single `data.train_paths` file, or `data.world_dir`'s train pairs, or -
+    when it generated the world in-job - the same world pairs regenerated into `<run_dir>/base_pairs.jsonl`."""
+    import yaml
+
+    if cfg.reward.base_pairs_path:
+        return cfg.reward.base_pairs_path
+    rm_run = Path(cfg.reward.path).parent
+    config = rm_run / "config.yaml"
+    how = "pass reward.base_pairs_path=<pairs.jsonl> (the pairs the RM was trained on)"
+    if not config.exists():
+        raise FileNotFoundError(f"cannot tell which pairs the RM at {cfg.reward.path} was trained on: {config} "
+                                f"(the reward job's resolved config) does not exist; {how}")
+    data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+    if data.get("train_paths"):
+        paths = [Path(p) for p in data["train_paths"]]
+        if len(paths) == 1 and paths[0].is_file():
+            return str(paths[0])
+        raise ValueError(f"the RM was trained on {data['train_paths']} (several files or a directory); {how}")
+    from data.world import files as world_files
+
+    if data.get("world_dir"):
+        return str(Path(data["world_dir"]) / world_files.TRAIN_PAIRS)
+    from data.io import atomic_write_jsonl
+    from data.world.config import WorldConfig
+
+    out = run_dir / "base_pairs.jsonl"
+    if not out.exists():  # deterministic in the world config, so regenerating gives the RM's exact pairs
+        atomic_write_jsonl(out, world_files.train_pairs(WorldConfig(**(data.get("world") or {}))))
+    return str(out)
+
+
+def evaluate_oracle(ctx: Context) -> dict:
+    """Mean oracle score (`data.world.score`, in [0, 1]) of greedy responses on held-out prompts of every domain."""
+    from data.world import make_prompts
+    from data.world import score as oracle
+
+    cfg = ctx.cfg
+    serve_weights(ctx.roles, ctx.state, "policy", timeout_s=cfg.timeouts.sync_s)
+    prompts = [p for d in domains(cfg) for p in make_prompts(d, cfg.eval.heldout_per_domain, cfg.run.seed, "heldout")]
+    greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0,
+                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens)
+    rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], greedy, cfg.timeouts.generate_s)
+    by_domain: dict[str, list[float]] = {}
+    for p, r in zip(prompts, rollouts):
+        by_domain.setdefault(p.domain, []).append(oracle(p, ctx.codec.decode(r.response_ids)))
+    means = {d: sum(v) / len(v) for d, v in by_domain.items()}
+    return {"mean": sum(means.values()) / len(means), "by_domain": means}
+
+
+def domains(cfg: RLHFJobConfig) -> list[str]:
+    from data.world import DOMAINS
+
+    return list(cfg.prompts.domains or DOMAINS)
+
+
+def save_checkpoint(ctx: Context) -> Path | None:
+    if ctx.ckpt is None:
+        return None
+    state, roles, timeout = ctx.state, ctx.roles, ctx.cfg.timeouts.checkpoint_s
+    state.reward_stats = ctx.normalizer.state_dict()
+    state.kl_ctl = ctx.kl_ctl.state_dict()
+    state.seconds += time.time() - ctx.started
+    ctx.started = time.time()
+
+    def write_models(directory: Path) -> None:
+        refs = {role: getattr(roles, role).call("save", str(directory / role)) for role in ("policy", "critic")}
+        for role, r in refs.items():
+            getattr(roles, role).get(r, phase="checkpoint", timeout_s=timeout)
+
+    return ctx.ckpt.save(state, write_models)
+
+
+def finish_run(ctx: Context) -> dict:
+    cfg, state = ctx.cfg, ctx.state
+    final = evaluate_oracle(ctx)
+    model_dir = str(ctx.run.dir / "model")
+    ctx.roles.policy.get(ctx.roles.policy.call("export_hf", model_dir), phase="export final",
+                         timeout_s=cfg.timeouts.checkpoint_s)
+    sft = state.oracle_sft
+    print_table(sft, final)
+    return {
+        "oracle_score_sft": sft["mean"],
+        "oracle_score_final": final["mean"],
+        "oracle_score_gain": final["mean"] - sft["mean"],
+        "oracle_score_by_domain_sft": sft["by_domain"],
+        "oracle_score_by_domain_final": final["by_domain"],
+        "kl_final": state.last_metrics.get("kl"),
+        "mismatch_p95_final": state.last_metrics.get("mismatch/p95_abs"),
+        "reward_raw_final": state.last_metrics.get("reward/raw_mean"),
+        "hack_rate_by_round": [r["hack_rate_late"] for r in state.round_results],
+        "hack_rate_early_by_round": [r["hack_rate_early"] for r in state.round_results],
+        "patterns_by_round": [[p.get("name", "") for p in r["patterns"] if p.get("detected", True)]
+                              for r in state.round_results],
+        "pair_counts_by_round": [r["pair_counts"] for r in state.round_results],
+        "rm_dirs": [r["new_rm_dir"] for r in state.round_results],
+        "rounds": len(state.round_results),
+        "iterations": state.iteration,
+        "seconds_all_attempts": round(state.seconds + time.time() - ctx.started, 2),
+        "weight_version": state.weight_version,
+        "placement": ctx.roles.where(),
+        "model_dir": model_dir,
+        "completed": True,
+    }
+
+
+def print_table(sft: dict, final: dict) -> None:
+    rows = [(d, sft["by_domain"][d], final["by_domain"].get(d, float("nan"))) for d in sft["by_domain"]]
+    rows.append(("ALL", sft["mean"], final["mean"]))
+    lines = [f"{'domain':<10} {'SFT':>7} {'final':>7} {'delta':>7}"]
+    lines += [f"{d:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f}" for d, a, b in rows]
+    print("held-out oracle score (greedy), before -> after RLHF\n" + "\n".join(lines), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+class RoleFailure(RuntimeError):
+    """A role died or hung and could not be recovered; names the role and the phase."""
+
+
+def build_context(cfg: RLHFJobConfig, run: Run, roles: Roles, state: DriverState, ckpt: Checkpointer | None,
+                  base_pairs: str = "") -> Context:
+    normalizer, kl_ctl = RewardNormalizer(cfg.ppo.reward_norm), build_kl_controller(cfg.ppo.kl)
+    if state.reward_stats:
+        normalizer.load_state_dict(state.reward_stats)
+    if state.kl_ctl:
+        kl_ctl.load_state_dict(state.kl_ctl)
+    ptx = PTXStream(cfg.ptx.packed_dir, cfg.ptx.max_len, cfg.run.seed) if cfg.ptx.packed_dir else None
+    return Context(cfg, run, roles, state, ChatCodec(cfg.policy.path),
+                   PromptStream(domains(cfg), cfg.prompts.pool_per_domain, cfg.run.seed), ptx, normalizer, kl_ctl, ckpt,
+                   base_pairs)
+
+
+def attempt(cfg: RLHFJobConfig, run: Run, ckpt: Checkpointer, base_pairs: str) -> dict:
+    """Start every role, restore the newest checkpoint (if any) into them, and run to the end (or the stop)."""
+    latest = ckpt.latest()
+    state = ckpt.load_state(latest) if latest else DriverState(rm_dir=cfg.reward.path)
+    roles = start_roles(cfg, state.rm_dir)
+    try:
+        if latest:
+            for role in ("policy", "critic"):
+                group = getattr(roles, role)
+                group.get(group.call("load", str(latest / role)), phase="restore checkpoint",
+                          timeout_s=cfg.timeouts.checkpoint_s)
+            print(f"resumed from {latest} (iteration {state.iteration}, round results {len(state.round_results)})",
+                  file=sys.stderr)
+        roles.holds = "policy" if state.policy_version == 0 else "stale"
+        return run_rounds(build_context(cfg, run, roles, state, ckpt, base_pairs))
+    finally:
+        roles.shutdown()
+
+
+def check_inputs(cfg: RLHFJobConfig) -> None:
+    for key, path in (("policy.path", cfg.policy.path), ("reward.path", cfg.reward.path)):
+        if not path:
+            raise ValueError(f"{key} is required: pass {key}=<dir> (the SFT model_dir for policy.path, the reward "
+                             "job's model_dir for reward.path)")
+        if "://" not in path and not Path(path).is_dir():
+            raise FileNotFoundError(f"{key}={path!r} is not a directory")
+
+
+def main(cfg: RLHFJobConfig, run: Run) -> dict:
+    check_inputs(cfg)
+    base_pairs = resolve_base_pairs(cfg, run.dir)  # needed after round 1: fail now rather than then
+    init_ray(cfg.cluster)
+    ckpt = Checkpointer(run.dir / "checkpoints", cfg.checkpoint_keep)
+    if not cfg.run.resume:
+        ckpt.clear()
+    if not cfg.ptx.packed_dir:
+        print("notice: ptx.packed_dir is empty, so PPO runs without the pretraining (PTX) loss", file=sys.stderr)
+    restarts = 0
+    while True:
+        try:
+            summary = attempt(cfg, run, ckpt, base_pairs)
+        except (RoleDied, PhaseTimeout) as e:
+            run.logger.log({"fault/restarts": restarts, "fault/role": e.role, "fault/phase": e.phase})
+            if restarts >= cfg.max_actor_restarts:
+                raise RoleFailure(
+                    f"role '{e.role}' failed during phase '{e.phase}' and max_actor_restarts={cfg.max_actor_restarts} "
+                    f"restart(s) are used up: {e}"
+                ) from e
+            restarts += 1
+            print(f"{e}\nrestarting every role from the last checkpoint ({restarts}/{cfg.max_actor_restarts})",
+                  file=sys.stderr)
+            continue
+        return {**summary, "restarts": restarts}
+
+
+if __name__ == "__main__":
+    run_job("rlhf", RLHFJobConfig, main)

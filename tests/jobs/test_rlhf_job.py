@@ -1,0 +1,69 @@
+"""jobs/rlhf.py end to end on the tiny model through real Ray actors: one short round, summary and metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.common import execute, load_config
+from jobs.rlhf import RLHFJobConfig, main
+from tests.jobs.rlhf_helpers import metric_rows, rlhf_inputs, small_run  # noqa: F401  (fixture)
+
+PER_ITERATION = [
+    "round", "iteration", "reward/raw_mean", "reward/normalized_mean", "kl", "entropy", "critic/value_loss",
+    "critic/explained_var", "response_length/mean", "time/generate", "time/score", "time/reference", "time/critic",
+    "time/train", "tokens_per_second", "mismatch/mean_abs", "mismatch/p95_abs",
+]
+
+
+def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "smoke", "rounds=1",
+                                                      "iterations_per_round=2"))
+    summary = json.loads(execute("rlhf", cfg, main).read_text())
+
+    for key in ("oracle_score_sft", "oracle_score_final", "kl_final", "hack_rate_by_round", "rounds", "iterations",
+                "seconds", "model_dir", "oracle_score_by_domain_sft", "oracle_score_by_domain_final",
+                "mismatch_p95_final"):
+        assert key in summary, key
+    assert summary["completed"] and summary["rounds"] == 1 and summary["iterations"] == 2
+    assert len(summary["hack_rate_by_round"]) == 1
+    assert 0.0 <= summary["oracle_score_final"] <= 1.0
+    assert set(summary["oracle_score_by_domain_final"]) == set(summary["oracle_score_by_domain_sft"])
+    # Same weights in engine and trainer: only float noise separates the two log-probs of a sampled token.
+    assert summary["mismatch_p95_final"] < 1e-3
+
+    rows = metric_rows(Path(summary["run_dir"]))
+    assert sorted(rows) == [1, 2]
+    for it, row in rows.items():
+        missing = [k for k in PER_ITERATION if k not in row]
+        assert not missing, f"iteration {it} lacks {missing}"
+        assert any(k.startswith("reward/") and k.split("/")[1] in ("math", "code", "helpful") for k in row)
+    assert rows[1]["policy/trained"] == 0.0 and "policy/clipfrac" not in rows[1]  # critic warm-up
+    assert rows[2]["policy/trained"] == 1.0 and "policy/clipfrac" in rows[2] and rows[2]["weight_version"] >= 1
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).config.vocab_size > 0
+    state = json.loads((Path(summary["run_dir"]) / "checkpoints" /
+                        (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
+    assert len(state["round_results"]) == 1 and state["rm_dir"] == state["round_results"][0]["new_rm_dir"]
+    assert Path(state["rm_dir"]).is_dir() and state["rm_dir"] != rlhf_inputs["rm"]  # the RM role was reloaded
+
+
+def test_a_placement_that_cannot_fit_fails_before_any_model_loads(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
+    from cluster.placement import PlacementError
+
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "too_big",
+                                                      "placement.policy.cpus_per_actor=64"))
+    with pytest.raises(PlacementError) as err:
+        execute("rlhf", cfg, main)
+    assert "policy" in str(err.value) and "CPU" in str(err.value) and "64" in str(err.value)
+    assert not (tmp_path / "too_big" / "checkpoints").exists()
+
+
+def test_missing_model_paths_are_named(rlhf_inputs, tmp_path):  # noqa: F811
+    cfg = load_config("rlhf", RLHFJobConfig, [f"run.root={tmp_path}", "logging.wandb=disabled",
+                                             f"reward.path={rlhf_inputs['rm']}"])
+    with pytest.raises(ValueError, match="policy.path is required"):
+        execute("rlhf", cfg, main)
