@@ -28,7 +28,7 @@ from jobs.common import LoggingConfig, Run, RunConfig, execute, load_config, run
 CHAIN = ["data", "pretrain", "world", "sft", "reward", "rlhf", "quantize", "eval", "serve"]
 # What `make demo` runs by default: the stages verified end to end inside the demo so far. The rest of the chain
 # runs with `stages=[...]` (see README); it joins the default once verified there.
-DEFAULT_STAGES = ["data", "pretrain", "world", "sft"]
+DEFAULT_STAGES = ["data", "pretrain", "world", "sft", "reward"]
 
 
 @dataclass
