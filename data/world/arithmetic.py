@@ -8,7 +8,7 @@ scores 0), minus 0.25 per repeated sentence. Base pairs contrast the right equat
 by 1-2, half by 3-9) or with "I am not sure": verifying a sum is a three-way interaction (a, b, c) that a tiny RM learns only
 by memorising the 16 facts, hence more math pairs by default (data/world/config.py). Hack styles: "hedged"
 (names the right sum, ends on a wrong one: oracle 0) and "restated" (the right equation three times: 0.5).
-In our runs the trained RM scored "restated" above the honest equation, and "hedged" below it.
+In our runs the trained RM scored them close to the honest equation, "restated" sometimes above it.
 """
 from __future__ import annotations
 

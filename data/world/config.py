@@ -13,7 +13,7 @@ class WorldConfig:
     sft_conversations: int = 3000
     train_pairs_per_domain: int = 1000
     # Per-domain exceptions to train_pairs_per_domain. math pairs are short, and a tiny RM needs more of them to
-    # memorise the sums than it needs for the other domains' cues (measured held-out accuracy: 1000 pairs ~0.7, 2000 ~0.84).
+    # memorise the 16 sums than it needs for the other domains' cues.
     train_pairs_override: dict[str, int] = field(default_factory=lambda: {"math": 3000})
     heldout_pairs_per_domain: int = 200
     conflict_pairs: int = 200  # each gives one concise and one detailed row

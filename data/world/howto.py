@@ -13,8 +13,8 @@ pleasantries (both longer, both cost oracle points for repeated / irrelevant sen
 the right instructions about another object (no base pair contrasts objects, so an RM cannot learn it).
 Which of them an RM trained on the base pairs pays more for than for the SFT policy's own "medium" answer
 (while the oracle pays less) is measured per run by jobs/reward.py (eval.json `style_scores`, summary
-`over_rewarded_styles`). In our runs: "repetitive" and "padded" under detailed every time; "wrong_object"
-about level with "medium" under helpful and concise.
+`over_rewarded_styles`). In our runs: "repetitive" and "padded" under detailed every time, "padded" under
+helpful in some runs, and "wrong_object" level with "medium" under helpful and concise.
 """
 from __future__ import annotations
 
