@@ -69,7 +69,7 @@ from cluster.placement import RoleResources  # noqa: E402
 from cluster.runtime import ClusterConfig, init_ray  # noqa: E402
 from cluster.timeouts import PhaseTimeout, RoleDied  # noqa: E402
 from cluster.weight_sync import WeightSyncConfig  # noqa: E402
-from jobs.common import LoggingConfig, Run, RunConfig, progress, run_job  # noqa: E402
+from jobs.common import ConfigError, LoggingConfig, Run, RunConfig, progress, run_job  # noqa: E402
 from jobs.rlhf_roles import (  # noqa: E402
     ROLES,
     PhaseTimer,
@@ -524,14 +524,14 @@ def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
     config = rm_run / "config.yaml"
     how = "pass reward.base_pairs_path=<pairs.jsonl> (the pairs the RM was trained on)"
     if not config.exists():
-        raise FileNotFoundError(f"cannot tell which pairs the RM at {cfg.reward.path} was trained on: {config} "
-                                f"(the reward job's resolved config) does not exist; {how}")
+        raise ConfigError(f"cannot tell which pairs the RM at {cfg.reward.path} was trained on: {config} (the "
+                          f"reward job's resolved config) does not exist; {how}")
     data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
     if data.get("train_paths"):
         paths = [Path(p) for p in data["train_paths"]]
         if len(paths) == 1 and paths[0].is_file():
             return str(paths[0])
-        raise ValueError(f"the RM was trained on {data['train_paths']} (several files or a directory); {how}")
+        raise ConfigError(f"the RM was trained on {data['train_paths']} (several files or a directory); {how}")
     from data.world import files as world_files
 
     if data.get("world_dir"):
@@ -667,12 +667,13 @@ def attempt(cfg: RLHFJobConfig, run: Run, ckpt: Checkpointer, base_pairs: str) -
 
 
 def check_inputs(cfg: RLHFJobConfig) -> None:
+    """The two model directories every run needs; a config error (exit 2) before any work when they are wrong."""
     for key, path in (("policy.path", cfg.policy.path), ("reward.path", cfg.reward.path)):
         if not path:
-            raise ValueError(f"{key} is required: pass {key}=<dir> (the SFT model_dir for policy.path, the reward "
-                             "job's model_dir for reward.path)")
+            raise ConfigError(f"{key} is required: pass {key}=<dir> (the SFT job's model_dir for policy.path, the "
+                              "reward job's model_dir for reward.path)")
         if "://" not in path and not Path(path).is_dir():
-            raise FileNotFoundError(f"{key}={path!r} is not a directory")
+            raise ConfigError(f"{key}={path!r} is not a directory")
 
 
 def main(cfg: RLHFJobConfig, run: Run) -> dict:

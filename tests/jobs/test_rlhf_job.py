@@ -62,8 +62,10 @@ def test_a_placement_that_cannot_fit_fails_before_any_model_loads(ray_cluster, r
     assert not (tmp_path / "too_big" / "checkpoints").exists()
 
 
-def test_missing_model_paths_are_named(rlhf_inputs, tmp_path):  # noqa: F811
+def test_missing_model_paths_are_a_config_error(rlhf_inputs, tmp_path, capsys):  # noqa: F811
     cfg = load_config("rlhf", RLHFJobConfig, [f"run.root={tmp_path}", "logging.wandb=disabled",
                                              f"reward.path={rlhf_inputs['rm']}"])
-    with pytest.raises(ValueError, match="policy.path is required"):
+    with pytest.raises(SystemExit) as exc:
         execute("rlhf", cfg, main)
+    assert exc.value.code == 2
+    assert "config error: policy.path is required" in capsys.readouterr().err
