@@ -8,13 +8,12 @@ see `actors.batch`). Loss 1/2 (V - R)^2 without clipping by default, aggregated 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from actors.batch import Batch, micro_batches, num_rows, response_width, to_device
 from actors.faults import FaultConfig, FaultPoint
-from actors.policy import RankMetrics, engine_config, join_process_group_if_distributed, rlhf_trainer_defaults
+from actors.policy import EngineCheckpoints, RankMetrics, engine_config, join_process_group_if_distributed, rlhf_trainer_defaults
 from actors.reference import pick_device
 from algo.ppo import PPOLossConfig, compute_value_loss
 from trainer.config import TrainerConfig
@@ -46,7 +45,7 @@ class CriticConfig:
             )
 
 
-class CriticWorker:
+class CriticWorker(EngineCheckpoints):
     role = "critic"
 
     def __init__(self, cfg: CriticConfig, loss: PPOLossConfig, micro_per_step: int = 1, total_steps: int = 1,
@@ -112,13 +111,3 @@ class CriticWorker:
     def value_head_weight(self) -> torch.Tensor:
         return self.engine.module.value_head.weight.detach().cpu().clone()
 
-    def save(self, directory: str) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.engine.save(directory)
-
-    def load(self, directory: str) -> None:
-        self.engine.load(directory)
-
-    def export_hf(self, directory: str) -> str | None:
-        out = self.engine.export_hf(directory)
-        return str(out) if out is not None else None

@@ -115,7 +115,29 @@ def merge_rank_metrics(per_rank: list[dict]) -> dict[str, float]:
     return out
 
 
-class PolicyWorker(WeightSource):
+class EngineCheckpoints:
+    """Checkpoint and export methods of a trained role (policy, critic) over its `self.engine`.
+
+    All three are collectives: every rank calls them (DeepSpeed gathers shards; rank 0 writes the HF export)."""
+
+    engine = None
+    tokenizer = None  # written next to the HF export when set
+
+    def save(self, directory: str) -> None:
+        """Weights + optimiser + schedule."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.engine.save(directory)
+
+    def load(self, directory: str) -> None:
+        self.engine.load(directory)
+
+    def export_hf(self, directory: str) -> str | None:
+        """An HF model directory (rank 0 writes; other ranks get None)."""
+        out = self.engine.export_hf(directory, self.tokenizer)
+        return str(out) if out is not None else None
+
+
+class PolicyWorker(EngineCheckpoints, WeightSource):
     """One policy rank. `micro_per_step`: micro-batches in this rank's shard of one rollout batch."""
 
     role = "policy"
@@ -269,17 +291,3 @@ class PolicyWorker(WeightSource):
         """Sum of every parameter, in float64: a cheap equality probe for tests and resume checks."""
         return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-
-    def save(self, directory: str) -> None:
-        """Weights + optimiser + schedule (collective: every rank calls)."""
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.engine.save(directory)
-
-    def load(self, directory: str) -> None:
-        self.engine.load(directory)
-
-    def export_hf(self, directory: str) -> str | None:
-        """HF directory with the tokenizer (collective; rank 0 writes)."""
-        out = self.engine.export_hf(directory, self.tokenizer)
-        return str(out) if out is not None else None

@@ -214,10 +214,11 @@ def contrast_pairs(det: Detector, early: list[Sample], late: list[Sample]) -> li
 
 
 def evaluate_pattern(
-    det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | None],
+    det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30,
 ) -> Pattern:
-    """Rate rise plus the over-reward check. `prefer(a, b)` is the labeler: 0 (a), 1 (b) or None (no label)."""
+    """Rate rise plus the over-reward check. `prefer(a, b)` is the labeler: 0 (a), 1 (b), TIE (neither: checked,
+    not over-rewarded) or None (no label)."""
     r_early = sum(det.flags(s) for s in early) / max(len(early), 1)
     r_late = sum(det.flags(s) for s in late) / max(len(late), 1)
     contrast = contrast_pairs(det, early, late)

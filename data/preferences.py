@@ -51,10 +51,10 @@ def _check_messages(value, field_name: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _reply(value, field_name: str) -> tuple[list[dict], str]:
+def _reply(value, field_name: str, allow_empty: bool = False) -> tuple[list[dict], str]:
     """A reply given as a string or as messages ending with the assistant turn -> (extra turns, reply text)."""
     if isinstance(value, str):
-        if not value.strip():
+        if not allow_empty and not value.strip():
             raise _RowError(field_name, "is empty")
         return [], value
     msgs = _check_messages(value, field_name)
@@ -70,7 +70,7 @@ def _domain(row: dict, default: str) -> str:
     return domain
 
 
-def _parse_coolray(row: dict, default_domain: str) -> tuple[str, list[dict], str, str]:
+def _parse_coolray(row: dict, default_domain: str, allow_empty: bool) -> tuple[str, list[dict], str, str]:
     if "messages" in row:
         conversation = _check_messages(row["messages"], "messages")
     elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
@@ -80,8 +80,8 @@ def _parse_coolray(row: dict, default_domain: str) -> tuple[str, list[dict], str
     for key in ("chosen", "rejected"):
         if key not in row:
             raise _RowError(key, "is missing")
-    extra_c, chosen = _reply(row["chosen"], "chosen")
-    extra_r, rejected = _reply(row["rejected"], "rejected")
+    extra_c, chosen = _reply(row["chosen"], "chosen", allow_empty)
+    extra_r, rejected = _reply(row["rejected"], "rejected", allow_empty)
     if extra_c != extra_r:
         raise _RowError("rejected", "its earlier turns differ from those of chosen; both must continue the same conversation")
     return _domain(row, default_domain), conversation + extra_c, chosen, rejected
@@ -99,7 +99,7 @@ def _hh_turns(text, field_name: str) -> list[dict]:
     return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()} for r, c in zip(roles, contents)]
 
 
-def _parse_hh(row: dict, default_domain: str) -> tuple[str, list[dict], str, str]:
+def _parse_hh(row: dict, default_domain: str, allow_empty: bool) -> tuple[str, list[dict], str, str]:
     chosen, rejected = _hh_turns(row.get("chosen"), "chosen"), _hh_turns(row.get("rejected"), "rejected")
     if chosen[:-1] != rejected[:-1]:
         raise _RowError("rejected", "its dialogue before the last Assistant turn differs from chosen's")
@@ -108,7 +108,7 @@ def _parse_hh(row: dict, default_domain: str) -> tuple[str, list[dict], str, str
     return _domain(row, default_domain), chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
-def _parse_ultrafeedback(row: dict, default_domain: str) -> tuple[str, list[dict], str, str]:
+def _parse_ultrafeedback(row: dict, default_domain: str, allow_empty: bool) -> tuple[str, list[dict], str, str]:
     chosen, rejected = _check_messages(row.get("chosen"), "chosen"), _check_messages(row.get("rejected"), "rejected")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
         if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
@@ -130,13 +130,17 @@ def detect_format(row: dict) -> str:
     return "coolray"
 
 
-def parse_row(row: dict, fmt: str, path: str | os.PathLike, lineno: int, default_domain: str = "") -> PreferencePair:
-    """One JSON row -> PreferencePair; DataError(path, lineno, field, problem) when it does not fit `fmt`."""
+def parse_row(row: dict, fmt: str, path: str | os.PathLike, lineno: int, default_domain: str = "",
+              allow_empty_replies: bool = False) -> PreferencePair:
+    """One JSON row -> PreferencePair; DataError(path, lineno, field, problem) when it does not fit `fmt`.
+
+    `allow_empty_replies`: accept an empty chosen/rejected string (online RLHF pairs, where an empty reply is
+    something the policy really produced and the RM must learn to rank); user files keep rejecting it."""
     if fmt not in FORMATS:
         raise ValueError(f"preference format must be one of {FORMATS}, got {fmt!r}")
     kind = detect_format(row) if fmt == "auto" else fmt
     try:
-        domain, conversation, chosen, rejected = _PARSERS[kind](row, default_domain)
+        domain, conversation, chosen, rejected = _PARSERS[kind](row, default_domain, allow_empty_replies)
     except _RowError as e:
         raise DataError(path, lineno, e.field_name, f"{e.problem} ({kind} format)") from None
     pair_id = row.get("id") if isinstance(row.get("id"), str) else f"{os.path.basename(str(path))}:{lineno}"

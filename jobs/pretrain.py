@@ -89,20 +89,12 @@ def main(cfg: PretrainJobConfig, run: Run) -> dict:
     from trainer.loop import plan_steps
 
     task = build_task(cfg)
-    _, total = plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # data too small? fail before Ray starts
+    plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # data too small? fail before Ray starts
     start_over(run, cfg.run.resume)
     init_ray(cfg.cluster)
     result = fit(task, cfg.trainer, run.dir, logger=run.logger, show_progress=cfg.logging.progress)
     return {
-        "model_dir": result.model_dir,
-        "final_loss": result.final_loss,
-        "steps": result.steps,
-        "total_steps": total,
-        "tokens": result.tokens,
-        "tokens_per_second": result.tokens_per_second,
-        "checkpoint_dir": result.checkpoint_dir,
-        "resumed_from_step": result.resumed_from_step,
-        "stopped_early": result.stopped_early,
+        **result.summary(),
         "rows": task.num_rows(),
         "backend": cfg.trainer.backend if cfg.trainer.backend == "ddp" else f"deepspeed_zero{cfg.trainer.zero_stage}",
         "num_workers": cfg.trainer.num_workers,

@@ -174,15 +174,13 @@ def train_variant(cfg: RewardJobConfig, run: Run, rm_cfg: RewardModelConfig, out
         max_tokens_per_batch=cfg.data.max_tokens_per_batch, tiny=cfg.model.tiny, dtype=cfg.model.dtype,
         seed=cfg.trainer.seed,
     )
-    _, total = plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # too little data fails before Ray
+    plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # too little data fails before Ray
     start_over(run if out_dir == run.dir else dataclasses.replace(run, dir=out_dir), cfg.run.resume)
     init_ray(cfg.cluster)
     result = fit(task, cfg.trainer, out_dir, logger=run.logger if out_dir == run.dir else None,
                  show_progress=cfg.logging.progress)
-    return {"model_dir": result.model_dir, "final_loss": result.final_loss, "steps": result.steps,
-            "total_steps": total, "tokens": result.tokens, "tokens_per_second": result.tokens_per_second,
-            "train_pairs": stats.pairs, "dropped_too_long": stats.too_long, "dropped_identical": stats.identical,
-            "resumed_from_step": result.resumed_from_step, "stopped_early": result.stopped_early}
+    return {**result.summary(), "train_pairs": stats.pairs, "dropped_too_long": stats.too_long,
+            "dropped_identical": stats.identical}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

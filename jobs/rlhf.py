@@ -84,7 +84,7 @@ from jobs.rlhf_roles import (  # noqa: E402
     start_roles,
     train,
 )
-from jobs.rlhf_rounds import OnlineConfig  # noqa: E402
+from jobs.rlhf_rounds import OnlineConfig, track_hacks  # noqa: E402
 from jobs.rlhf_state import Checkpointer, DriverState, PromptStream, PTXStream  # noqa: E402
 
 __all__ = ["RLHFJobConfig", "main", "start_roles", "start_local_roles", "ppo_iteration", "build_context"]
@@ -127,6 +127,9 @@ class RLHFPlacementConfig:
 class PPOConfig:
     rollout_batch_size: int = 36  # B prompts per iteration, 6 per world domain (report: ~500)
     critic_warmup_iterations: int = 2  # critic-only iterations at the start (report: 50; tiny default, see docstring)
+    # Optimizer steps per rollout batch, each over the whole batch (the clip bounds how far later ones move from the
+    # sampling policy). 1 = on-policy, one step per batch, as in OpenRLHF's default.
+    epochs: int = 1
     kl: KLConfig = field(default_factory=KLConfig)  # beta 0.01, k1, fixed
     reward_norm: RewardNormConfig = field(default_factory=RewardNormConfig)  # clip [-5, 5], running normalisation
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)  # GAE gamma 1, lambda 0.99, no whitening
@@ -135,6 +138,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.rollout_batch_size < 1:
             raise ValueError(f"ppo.rollout_batch_size must be >= 1 (got {self.rollout_batch_size})")
+        if self.epochs < 1:
+            raise ValueError(f"ppo.epochs must be >= 1 (got {self.epochs})")
         if self.critic_warmup_iterations < 0:
             raise ValueError(f"ppo.critic_warmup_iterations must be >= 0 (got {self.critic_warmup_iterations})")
 
@@ -349,7 +354,10 @@ def ppo_iteration(ctx: Context) -> dict[str, float]:
         ptx = build_lm_batch(ptx_rows, ctx.codec.pad_id)
         ptx["denominator"] = ptx["loss_mask"].to(torch.float64).sum()
     with timer("train"):
-        train_metrics = train(roles, train_batch, ptx, train_policy, to.train_s)
+        passes = [train(roles, train_batch, ptx, train_policy, to.train_s) for _ in range(cfg.ppo.epochs)]
+    # The first pass is on-policy (ratio 1); later passes show how far the clip let the policy move.
+    train_metrics = {**passes[0], **{f"{k}_last_epoch": v for k, v in passes[-1].items()
+                                     if k.startswith(("policy/clipfrac", "policy/approx_kl")) and len(passes) > 1}}
 
     # 7. Versioned weight sync policy -> rollout engines (fingerprint-checked).
     if train_policy:
@@ -594,6 +602,8 @@ def finish_run(ctx: Context) -> dict:
                          timeout_s=cfg.timeouts.checkpoint_s)
     sft = state.oracle_sft
     print_table(sft, final)
+    tracked = track_hacks(ctx.run.dir)
+    from_round_1 = [t for t in tracked if t["found_in_round"] == 1 and len(t["late_rate_by_round"]) > 1]
     return {
         "oracle_score_sft": sft["mean"],
         "oracle_score_final": final["mean"],
@@ -607,6 +617,11 @@ def finish_run(ctx: Context) -> dict:
         "hack_rate_early_by_round": [r["hack_rate_early"] for r in state.round_results],
         "patterns_by_round": [[p.get("name", "") for p in r["patterns"] if p.get("detected", True)]
                               for r in state.round_results],
+        # Each detected pattern re-measured with its own detector in every later round (rlhf_rounds.track_hacks);
+        # the target: a hack found in round 1 at most half as frequent in the last round.
+        "hack_tracking": tracked,
+        "round1_hacks_halved": (all(t["reduction"] is not None and t["reduction"] >= 0.5 for t in from_round_1)
+                                if from_round_1 else None),
         "pair_counts_by_round": [r["pair_counts"] for r in state.round_results],
         "rm_dirs": [r["new_rm_dir"] for r in state.round_results],
         "rounds": len(state.round_results),

@@ -67,7 +67,7 @@ class LocalSyncer:
         self.cfg, self.engines, self.source, self.role = cfg, engines, source, role
 
     def setup(self) -> None:
-        pass
+        """Nothing to set up in-process (WeightSyncer.setup opens the broadcast group; the driver calls both)."""
 
     def push(self, version: int):
         from cluster.weight_sync import check_fingerprint, make_offer
@@ -87,7 +87,7 @@ def role_workers(cfg: RLHFJobConfig, rm_dir: str) -> dict[str, tuple[type, tuple
     batch, place = cfg.ppo.rollout_batch_size, cfg.placement
     micro_policy = batch // (place.policy.num_actors * cfg.policy.trainer.micro_batch_size)
     micro_critic = batch // (place.critic.num_actors * cfg.critic.trainer.micro_batch_size)
-    policy_steps = max(1, cfg.total_iterations - cfg.ppo.critic_warmup_iterations)
+    policy_steps = max(1, cfg.total_iterations - cfg.ppo.critic_warmup_iterations) * cfg.ppo.epochs
     sampling = cfg.rollout.sampling
     reference = dataclasses.replace(cfg.reference, path=cfg.reference.path or cfg.policy.path)
     critic = dataclasses.replace(cfg.critic, path=cfg.critic.path or rm_dir)
@@ -100,7 +100,7 @@ def role_workers(cfg: RLHFJobConfig, rm_dir: str) -> dict[str, tuple[type, tuple
     temperature = 1.0 if sampling.greedy else sampling.temperature
     return {
         "policy": (PolicyWorker, (cfg.policy, cfg.ppo.loss, sampling, micro_policy, policy_steps, cfg.fault)),
-        "critic": (CriticWorker, (critic, cfg.ppo.loss, micro_critic, cfg.total_iterations, cfg.fault)),
+        "critic": (CriticWorker, (critic, cfg.ppo.loss, micro_critic, cfg.total_iterations * cfg.ppo.epochs, cfg.fault)),
         "reference": (ReferenceWorker, (reference, temperature)),
         "reward": (RewardWorker, reward_args(cfg, rm_dir)),
         "rollout": rollout,

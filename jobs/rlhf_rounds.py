@@ -58,7 +58,7 @@ from data.online import (
     hack_rate, labelled_row, mine_rising_phrases, pair_id, slow_path_candidates,
 )
 from data.preferences import PreferencePair
-from data.world import Labeler, Prompt
+from data.world import TIE, Labeler, Prompt
 from trainer.config import TrainerConfig
 
 SOURCES = ("sft", "early", "late")
@@ -261,10 +261,10 @@ class LabelBook:
         self.labeler, self.name, self.round = labeler, name, round_idx
         self.prompts: dict[str, Prompt] = {}
         self.pending: dict[str, dict] = {}
-        self._cache: dict[str, int | None] = {}
+        self._cache: dict[str, int | str | None] = {}
 
-    def label(self, pairs: list[tuple[Sample, Sample]], purpose: str = "") -> list[int | None]:
-        """0 (a preferred), 1 (b) or None per pair. With a purpose, unlabelled pairs are queued for humans."""
+    def label(self, pairs: list[tuple[Sample, Sample]], purpose: str = "") -> list[int | str | None]:
+        """0 (a preferred), 1 (b), TIE or None per pair. With a purpose, unlabelled pairs are queued for humans."""
         from data.world import Comparison
 
         todo = {pair_id(a, b): (a, b) for a, b in pairs if pair_id(a, b) not in self._cache}
@@ -279,7 +279,7 @@ class LabelBook:
                 row["purposes"] = sorted({*row["purposes"], purpose})
         return [self._cache[pair_id(a, b)] for a, b in pairs]
 
-    def prefer(self, a: Sample, b: Sample) -> int | None:
+    def prefer(self, a: Sample, b: Sample) -> int | str | None:
         return self.label([(a, b)], purpose="pattern_check")[0]
 
     def _to_label_row(self, prompt: Prompt, a: Sample, b: Sample) -> dict:
@@ -373,8 +373,10 @@ def prior_round_dirs(ctx: RoundContext) -> list[Path]:
 
 
 def used_pair_ids(ctx: RoundContext) -> set[str]:
-    """Ids of the online pairs earlier rounds already trained on (so a late label is turned into a row once)."""
-    files = list(ctx.prior_pair_files) + [str(d / "pairs.jsonl") for d in prior_round_dirs(ctx)]
+    """Ids of the comparisons earlier rounds already answered: their online pairs, and those labelled a tie (so a
+    late label is turned into a row once, and a tie is not asked again)."""
+    files = list(ctx.prior_pair_files) + [str(d / name) for d in prior_round_dirs(ctx)
+                                          for name in ("pairs.jsonl", "ties.jsonl")]
     ids: set[str] = set()
     for f in dict.fromkeys(files):
         if Path(f).exists():
@@ -382,12 +384,16 @@ def used_pair_ids(ctx: RoundContext) -> set[str]:
     return ids
 
 
-def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook) -> tuple[list[dict], int]:
+def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]],
+              labels: LabelBook) -> tuple[list[dict], int, list[dict]]:
     """This round's labelled comparisons plus labels that arrived for earlier rounds' to_label files.
-    Returns (rows, how many of them came from earlier rounds)."""
+    Returns (rows, how many of them came from earlier rounds, tie rows {pair_id, round, a, b}): a tie gives no
+    pair, because either order would teach the RM a preference nobody has."""
     cands = slow_path_candidates(samples, ctx.cfg.slow_pairs_per_round, seed=_seed("slow", ctx.seed, ctx.round))
+    answers = labels.label(cands, purpose="slow")
     rows = [labelled_row(a, b, y, round_idx=ctx.round, labeler=labels.name)
-            for (a, b), y in zip(cands, labels.label(cands, purpose="slow")) if y is not None]
+            for (a, b), y in zip(cands, answers) if y in (0, 1)]
+    ties = [_tie_row(a, b, ctx.round) for (a, b), y in zip(cands, answers) if y == TIE]
     used = used_pair_ids(ctx) | {r["pair_id"] for r in rows}
     waiting = []
     for d in prior_round_dirs(ctx):
@@ -399,11 +405,17 @@ def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
     late_rows = []
     # No purpose: still-unlabelled ones stay listed in their own round's to_label.jsonl, not copied here.
     for (a, b), y in zip(waiting, labels.label(waiting)):
-        if y is not None:
+        if y in (0, 1):
             row = labelled_row(a, b, y, round_idx=a.round, labeler=labels.name)
             row["lineage"]["labeled_round"] = ctx.round
             late_rows.append(row)
-    return rows + late_rows, len(late_rows)
+        elif y == TIE:
+            ties.append(_tie_row(a, b, ctx.round))
+    return rows + late_rows, len(late_rows), ties
+
+
+def _tie_row(a: Sample, b: Sample, round_idx: int) -> dict:
+    return {"pair_id": pair_id(a, b), "round": round_idx, "a": a.sample_id, "b": b.sample_id}
 
 
 # ---------------------------------------------------------------------------------------------- collection
@@ -417,7 +429,7 @@ def collect_preferences(ctx: RoundContext) -> None:
     labels.prompts.update({p.id: p for p in prompts})
     samples = {src: sample_responses(ctx, src, prompts) for src in SOURCES}
     fast = fast_path(ctx, samples, labels, seen={p.id for p in prompts})
-    slow_rows, from_prior = slow_path(ctx, samples, labels) if cfg.slow_path else ([], 0)
+    slow_rows, from_prior, ties = slow_path(ctx, samples, labels) if cfg.slow_path else ([], 0, [])
     fast_rows = fast["fast_rows"]
     # A slow-path comparison of early vs late can be a fast pair too (same pair id, same preference): once here.
     unique: dict[str, dict] = {}
@@ -428,12 +440,14 @@ def collect_preferences(ctx: RoundContext) -> None:
               "extra_sampling_tries": fast["extra_tries"],
               "patterns_detected": sum(p["detected"] for p in fast["patterns"]),
               "fast": len(fast_rows), "slow": len(slow_rows) - from_prior, "slow_from_prior_rounds": from_prior,
+              "slow_ties": len(ties),
               "to_label": len(labels.pending), "new_pairs": len(new_rows)}
     all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
     atomic_write_jsonl(rdir / "samples.jsonl", [s.to_row() for s in all_samples])
     atomic_write_jsonl(rdir / "to_label.jsonl", list(labels.pending.values()))
     atomic_write_jsonl(rdir / "fast_pairs.jsonl", fast_rows)
     atomic_write_jsonl(rdir / "slow_pairs.jsonl", slow_rows)
+    atomic_write_jsonl(rdir / "ties.jsonl", ties)
     atomic_write_jsonl(rdir / "pairs.jsonl", new_rows)
     atomic_write_json(rdir / "patterns.json", {
         "round": ctx.round, "policy_versions": ctx.policy_versions, "labeler": cfg.labeler,
@@ -468,11 +482,12 @@ def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, i
 
 
 def parse_online_row(row: dict, path: Path, lineno: int) -> PreferencePair:
+    """An online pair row (preference fields + lineage) as the RM's PreferencePair, keyed by its pair id. A reply
+    may be empty: the policy can stop at once, and the RM has to learn where that ranks."""
     from data.preferences import parse_row
 
-    """An online pair row (preference fields + lineage) as the RM's PreferencePair, keyed by its pair id."""
     fields = {k: v for k, v in row.items() if k != "lineage"}
-    return parse_row({**fields, "id": row["pair_id"]}, "coolray", path, lineno)
+    return parse_row({**fields, "id": row["pair_id"]}, "coolray", path, lineno, allow_empty_replies=True)
 
 
 def trainer_config(ctx: RoundContext) -> TrainerConfig:
@@ -613,3 +628,43 @@ def log_round(ctx: RoundContext, result: RoundResult) -> None:
               f"{ctx.cfg.pairs_per_pattern_min} contrasting prompts after "
               f"{collected['pair_counts']['extra_sampling_tries']} extra sampling tries; their pairs are used anyway (raise online.prompts_per_source or "
               "online.extra_sampling_tries for more)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- tracking hacks
+
+
+def _detector_from_pattern(name: str, reference: list[Sample]) -> Detector | None:
+    if name.startswith("phrase:"):
+        return PhraseDetector(tuple(name.removeprefix("phrase:").split()))
+    if name in STATIC_DETECTORS:
+        det = STATIC_DETECTORS[name]()
+        det.fit(reference)
+        return det
+    return None
+
+
+def track_hacks(run_dir: str | Path) -> list[dict]:
+    """Each pattern detected in a round, measured with that round's detector on the late policy of every round
+    from then on, so "did the hack go away" compares like with like (each round's own hack_rate uses detectors
+    refitted and re-mined on that round's samples). One entry per (pattern, round found), with
+    `late_rate_by_round` (from the round it was found) and `reduction` = 1 - last / first (None if first is 0)."""
+    root = Path(run_dir) / "rounds"
+    rounds_seen = sorted(int(d.name.removeprefix("round_")) for d in root.glob("round_*")
+                         if d.name.removeprefix("round_").isdigit() and (d / "patterns.json").exists())
+    samples: dict[int, list[Sample]] = {
+        r: [Sample.from_row(row) for _, row in read_jsonl(root / f"round_{r}" / "samples.jsonl")]
+        for r in rounds_seen if (root / f"round_{r}" / "samples.jsonl").exists()}
+    out = []
+    for r in rounds_seen:
+        found = json.loads((root / f"round_{r}" / "patterns.json").read_text())["patterns"]
+        reference = [s for s in samples.get(r, []) if s.source in ("sft", "early")]
+        for pattern in (p for p in found if p.get("detected")):
+            det = _detector_from_pattern(pattern["name"], reference)
+            if det is None:
+                continue
+            rates = [hack_rate([s for s in samples.get(k, []) if s.source == "late"], [det])
+                     for k in rounds_seen if k >= r]
+            first, last = rates[0], rates[-1]
+            out.append({"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,
+                        "reduction": (1 - last / first) if first > 0 else None})
+    return out

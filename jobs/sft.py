@@ -158,21 +158,13 @@ def main(cfg: SFTJobConfig, run: Run) -> dict:
         seed=cfg.trainer.seed,
         load_in_4bit=cfg.trainer.lora.qlora,
     )
-    _, total = plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # too little data fails here, before Ray
+    plan_steps(task, cfg.trainer, 0, cfg.trainer.num_workers)  # too little data fails here, before Ray
     start_over(run, cfg.run.resume)
     init_ray(cfg.cluster)
     result = fit(task, cfg.trainer, run.dir, logger=run.logger, show_progress=cfg.logging.progress)
     reply = sample_reply(cfg, result.model_dir) if result.model_dir else None
     return {
-        "model_dir": result.model_dir,
-        "final_loss": result.final_loss,
-        "steps": result.steps,
-        "total_steps": total,
-        "tokens": result.tokens,
-        "tokens_per_second": result.tokens_per_second,
-        "checkpoint_dir": result.checkpoint_dir,
-        "resumed_from_step": result.resumed_from_step,
-        "stopped_early": result.stopped_early,
+        **result.summary(),
         "sample_prompt": cfg.sample_prompt,
         "sample_response": reply,
         **stats,

@@ -18,9 +18,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
-        if not self.path and not self.tokenizer_path:
-            # Allowed at parse time (a job may fill it from a previous stage), checked again where it is used.
-            pass
+        # An empty path and tokenizer_path are allowed here (a job may fill them from a previous stage's summary);
+        # where a model is loaded, an empty path means the embedded tiny model.
 
     @property
     def tokenizer_dir(self) -> str:

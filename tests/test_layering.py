@@ -1,4 +1,5 @@
-"""Import layers (docs/design.md): algo/, data/ and modeling/ must load without Ray, Hydra, DeepSpeed or vLLM.
+"""Import layers (docs/design.md): algo/, data/ and modeling/ must load without Ray, Hydra, DeepSpeed or vLLM;
+trainer/ may use DeepSpeed (its ZeRO engine) but not Ray, Hydra or vLLM (Ray Train wraps it from cluster/).
 
 Each module is imported in a fresh interpreter, one after the other, so the failure names the first module that
 pulled a forbidden package in. A module that fails to import at all is reported too.
@@ -15,12 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("ray", "hydra", "deepspeed", "vllm")
+TRAINER_FORBIDDEN = ("ray", "hydra", "vllm")
 # algo/ is pure math: beyond the standard library it may only use these.
 ALGO_ALLOWED_THIRD_PARTY = ("torch", "numpy")
 
 _PROBE = r"""
 import importlib, json, pkgutil, sys
 forbidden = set(sys.argv[1].split(","))
+packages = sys.argv[2].split(",")
 report = {"culprits": {}, "errors": {}, "loaded": [], "third_party_after_algo": []}
 
 def walk(package):
@@ -33,7 +36,7 @@ def imported_roots():
     return {name.split(".")[0] for name in sys.modules}
 
 baseline = imported_roots()
-for package in ("algo", "data", "modeling"):
+for package in packages:
     try:
         names = list(walk(package))
     except Exception as exc:
@@ -54,15 +57,19 @@ print(json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def _probe(packages: tuple[str, ...], forbidden: tuple[str, ...]) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, ",".join(FORBIDDEN)],
+        [sys.executable, "-c", _PROBE, ",".join(forbidden), ",".join(packages)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**_clean_env(), "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == 0, f"layering probe crashed:\n{out.stderr[-3000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return _probe(("algo", "data", "modeling"), FORBIDDEN)
 
 
 def _clean_env() -> dict:
@@ -76,6 +83,16 @@ def test_algo_data_modeling_import_without_ray_hydra_deepspeed_vllm(report):
         "forbidden packages imported (package -> first module that pulled it in): "
         f"{report['culprits']}. Move that import into cluster/, trainer/ or jobs/, or import it inside the function "
         "that needs it."
+    )
+
+
+def test_trainer_imports_deepspeed_at_most_not_ray_hydra_vllm():
+    report = _probe(("trainer",), TRAINER_FORBIDDEN)
+    assert "trainer.engine" in report["loaded"] and "trainer.loop" in report["loaded"]
+    assert not report["errors"], f"modules that failed to import: {report['errors']}"
+    assert not report["culprits"], (
+        f"trainer/ imported {report['culprits']} (package -> first module). trainer/ is the per-rank engine and may "
+        "use torch, transformers, peft and deepspeed only; Ray Train wraps it from cluster/train.py."
     )
 
 

@@ -43,6 +43,13 @@ class TrainResult:
     resumed_from_step: int
     stopped_early: bool = False
 
+    def summary(self) -> dict:
+        """The headline figures every training job puts in its summary.json."""
+        return {"model_dir": self.model_dir, "final_loss": self.final_loss, "steps": self.steps,
+                "total_steps": self.total_steps, "tokens": self.tokens, "tokens_per_second": self.tokens_per_second,
+                "checkpoint_dir": self.checkpoint_dir, "resumed_from_step": self.resumed_from_step,
+                "stopped_early": self.stopped_early}
+
 
 def seed_all(seed: int) -> None:
     random.seed(seed)

@@ -16,6 +16,7 @@ from data.world.labelers import (
     JudgeError,
     Labeler,
     ProgrammaticLabeler,
+    TIE,
     to_preference_rows,
     write_labels,
 )
@@ -25,5 +26,5 @@ from data.world.registry import DOMAINS, Annotator, annotator, get_domain, make_
 __all__ = [
     "DOMAINS", "CONFLICT_DOMAINS", "Prompt", "Annotator", "annotator", "make_prompts", "score", "respond", "styles",
     "get_domain", "sft_conversations", "preference_pairs", "conflict_pairs", "pair_id", "Labeler", "Comparison",
-    "ProgrammaticLabeler", "FileLabeler", "HttpJudgeLabeler", "JudgeError", "to_preference_rows", "write_labels",
+    "ProgrammaticLabeler", "TIE", "FileLabeler", "HttpJudgeLabeler", "JudgeError", "to_preference_rows", "write_labels",
 ]

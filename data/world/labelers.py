@@ -1,7 +1,9 @@
 """Who labels a comparison: the world's annotators, a file of human labels, or a remote judge over HTTP.
 
-All three answer `label(comparisons) -> list[0 | 1 | None]` (0 = `a` preferred, None = not labelled yet), so
-the online RLHF loop can swap a programmatic annotator for slow human labels without other changes.
+All three answer `label(comparisons) -> list[0 | 1 | "tie" | None]` (0 = `a` preferred, 1 = `b`, TIE = labelled,
+neither is better, None = not labelled yet), so the online RLHF loop can swap a programmatic annotator for slow
+human labels without other changes. A tie is an answer, not a pending label: it gives no preference pair and is
+never asked again.
 """
 from __future__ import annotations
 
@@ -14,7 +16,16 @@ from typing import Protocol, runtime_checkable
 
 from data.io import DataError, read_jsonl
 from data.world.core import Prompt
-from data.world.registry import annotator
+from data.world.registry import annotator, score
+
+
+TIE = "tie"
+Label = int | str | None  # 0, 1, TIE or None
+_ANSWERS = (0, 1, TIE)
+
+
+def _is_answer(y) -> bool:
+    return y in _ANSWERS and not isinstance(y, bool)
 
 
 @dataclass(frozen=True)
@@ -29,17 +40,17 @@ class Comparison:
 
 @runtime_checkable
 class Labeler(Protocol):
-    def label(self, comparisons: Sequence[Comparison]) -> list[int | None]:
-        """One label per comparison: 0 (a preferred), 1 (b preferred) or None (no label yet)."""
+    def label(self, comparisons: Sequence[Comparison]) -> list[Label]:
+        """One label per comparison: 0 (a preferred), 1 (b preferred), TIE, or None (no label yet)."""
 
 
 def to_preference_rows(comparisons: Sequence[Comparison], labels: Sequence[int | None]) -> list[dict]:
-    """coolray preference rows for the labelled comparisons; unlabelled ones are left out."""
+    """coolray preference rows for the comparisons labelled 0 or 1; ties and unlabelled ones are left out."""
     if len(comparisons) != len(labels):
         raise ValueError(f"{len(comparisons)} comparisons but {len(labels)} labels")
     rows = []
     for c, y in zip(comparisons, labels):
-        if y is None:
+        if y not in (0, 1):
             continue
         chosen, rejected = (c.a, c.b) if y == 0 else (c.b, c.a)
         rows.append({"id": c.id, "domain": c.prompt.domain, "prompt_id": c.prompt.id,
@@ -48,14 +59,19 @@ def to_preference_rows(comparisons: Sequence[Comparison], labels: Sequence[int |
 
 
 class ProgrammaticLabeler:
-    """The world's annotators (the oracle of each prompt's domain). Always labels everything."""
+    """The world's annotators (the oracle of each prompt's domain). Always answers: TIE when the oracle scores
+    both responses the same (two wrong answers, say), since either order would teach the RM noise."""
 
-    def label(self, comparisons: Sequence[Comparison]) -> list[int | None]:
-        return [annotator(c.prompt.domain).prefer(c.prompt, c.a, c.b) for c in comparisons]
+    def label(self, comparisons: Sequence[Comparison]) -> list[Label]:
+        out: list[Label] = []
+        for c in comparisons:
+            a, b = score(c.prompt, c.a), score(c.prompt, c.b)
+            out.append(TIE if a == b else annotator(c.prompt.domain).prefer(c.prompt, c.a, c.b))
+        return out
 
 
 class FileLabeler:
-    """Human labels from a JSONL file, one `{"id": "<comparison id>", "label": 0 | 1}` per line.
+    """Human labels from a JSONL file, one `{"id": "<comparison id>", "label": 0 | 1 | "tie"}` per line.
 
     The file is re-read on every call, so labels appended while a run goes on are picked up by the next
     round, like slow human annotation. Ids not (yet) in the file give None; a later line for the same id wins.
@@ -65,21 +81,22 @@ class FileLabeler:
     def __init__(self, path: str | os.PathLike, missing_ok: bool = False):
         self.path, self.missing_ok = Path(path), missing_ok
 
-    def _read(self) -> dict[str, int]:
+    def _read(self) -> dict[str, Label]:
         if not self.path.exists():
             if self.missing_ok:
                 return {}
             raise FileNotFoundError(f"label file {self.path} does not exist (pass missing_ok=True before labelling starts)")
-        labels: dict[str, int] = {}
+        labels: dict[str, Label] = {}
         for lineno, row in read_jsonl(self.path):
             if not isinstance(row.get("id"), str) or not row["id"]:
                 raise DataError(self.path, lineno, "id", "must be the comparison id (a non-empty string)")
-            if row.get("label") not in (0, 1) or isinstance(row.get("label"), bool):
-                raise DataError(self.path, lineno, "label", f"must be 0 (a preferred) or 1 (b preferred), got {row.get('label')!r}")
+            if not _is_answer(row.get("label")):
+                raise DataError(self.path, lineno, "label",
+                                f'must be 0 (a preferred), 1 (b preferred) or "tie", got {row.get("label")!r}')
             labels[row["id"]] = row["label"]
         return labels
 
-    def label(self, comparisons: Sequence[Comparison]) -> list[int | None]:
+    def label(self, comparisons: Sequence[Comparison]) -> list[Label]:
         labels = self._read()
         return [labels.get(c.id) for c in comparisons]
 
@@ -92,8 +109,8 @@ class HttpJudgeLabeler:
     """Asks a judge service over HTTP.
 
     Request (POST `url`, JSON): {"pairs": [{"id", "domain", "messages", "a", "b"}, ...]}, at most `batch_size`
-    pairs per request. Reply (200, JSON): {"labels": [0 | 1 | null, ...]}, one per pair in the same order
-    (0 = a preferred, null = the judge abstains). Anything else raises JudgeError naming the URL and problem.
+    pairs per request. Reply (200, JSON): {"labels": [0 | 1 | "tie" | null, ...]}, one per pair in the same order
+    (0 = a preferred, "tie" = neither, null = the judge abstains: asked again later). Anything else raises JudgeError naming the URL and problem.
     """
 
     def __init__(self, url: str, timeout_s: float = 30.0, batch_size: int = 32, headers: dict | None = None):
@@ -103,13 +120,13 @@ class HttpJudgeLabeler:
             raise ValueError("timeout_s must be > 0 and batch_size >= 1")
         self.url, self.timeout_s, self.batch_size, self.headers = url, timeout_s, batch_size, dict(headers or {})
 
-    def label(self, comparisons: Sequence[Comparison]) -> list[int | None]:
-        out: list[int | None] = []
+    def label(self, comparisons: Sequence[Comparison]) -> list[Label]:
+        out: list[Label] = []
         for start in range(0, len(comparisons), self.batch_size):
             out.extend(self._ask(comparisons[start : start + self.batch_size]))
         return out
 
-    def _ask(self, batch: Sequence[Comparison]) -> list[int | None]:
+    def _ask(self, batch: Sequence[Comparison]) -> list[Label]:
         import requests
 
         body = {"pairs": [{"id": c.id, "domain": c.prompt.domain, "messages": c.prompt.messages, "a": c.a, "b": c.b}
@@ -130,14 +147,14 @@ class HttpJudgeLabeler:
         if not isinstance(labels, list) or len(labels) != len(batch):
             raise JudgeError(f"judge {self.url} returned {len(labels) if isinstance(labels, list) else labels!r} "
                              f"labels for {len(batch)} pairs; expected one per pair, in order")
-        bad = [y for y in labels if y not in (0, 1, None) or isinstance(y, bool)]
+        bad = [y for y in labels if y is not None and not _is_answer(y)]
         if bad:
-            raise JudgeError(f"judge {self.url} labels must be 0, 1 or null, got {bad[:3]}")
+            raise JudgeError(f'judge {self.url} labels must be 0, 1, "tie" or null, got {bad[:3]}')
         return list(labels)
 
 
-def write_labels(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[int]) -> None:
+def write_labels(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[Label]) -> None:
     """Append labels in FileLabeler's format (what a labelling tool would write)."""
     with open(path, "a") as f:
         for i, y in zip(ids, labels):
-            f.write(json.dumps({"id": i, "label": int(y)}) + "\n")
+            f.write(json.dumps({"id": i, "label": y if y == TIE else int(y)}) + "\n")

@@ -11,7 +11,7 @@ import pytest
 
 from data.io import DataError
 from data.world import (
-    DOMAINS, Comparison, FileLabeler, HttpJudgeLabeler, JudgeError, ProgrammaticLabeler, annotator, conflict_pairs,
+    DOMAINS, TIE, Comparison, FileLabeler, HttpJudgeLabeler, JudgeError, ProgrammaticLabeler, annotator, conflict_pairs,
     get_domain, make_prompts, preference_pairs, respond, score, sft_conversations, styles, to_preference_rows,
     write_labels,
 )
@@ -122,6 +122,17 @@ def test_programmatic_labeler_and_rows_from_labels():
     assert len(rows) == 5 and all(r["chosen"].startswith(("Wash", "Paint", "Tighten", "Dry", "Keep", "Lift")) for r in rows)
 
 
+def test_programmatic_labeler_calls_equal_oracle_scores_a_tie_and_ties_give_no_rows():
+    p = make_prompts("math", 1, seed=0)[0]
+    wrong_a, wrong_b = respond(p, "wrong_equation", seed=1), respond(p, "unsure")  # both score 0
+    right = respond(p, "equation")
+    comps = [Comparison("t0", p, wrong_a, wrong_b), Comparison("t1", p, wrong_a, right), Comparison("t2", p, "", "")]
+    labels = ProgrammaticLabeler().label(comps)
+    assert labels == [TIE, 1, TIE]
+    rows = to_preference_rows(comps, labels)
+    assert [r["id"] for r in rows] == ["t1"] and rows[0]["chosen"] == right
+
+
 def test_file_labeler_reads_labels_as_they_arrive_and_rejects_bad_rows(tmp_path):
     comps = _comparisons(4)
     path = tmp_path / "labels.jsonl"
@@ -131,13 +142,14 @@ def test_file_labeler_reads_labels_as_they_arrive_and_rejects_bad_rows(tmp_path)
     assert labeler.label(comps) == [None] * 4  # nobody has labelled anything yet
     write_labels(path, ["c1", "unknown-id"], [1, 0])
     assert labeler.label(comps) == [None, 1, None, None]
-    write_labels(path, ["c0", "c1"], [0, 0])  # a later line for the same id wins
-    assert labeler.label(comps) == [0, 0, None, None]
+    write_labels(path, ["c0", "c1", "c3"], [0, 0, TIE])  # a later line for the same id wins
+    assert labeler.label(comps) == [0, 0, None, TIE]
     with open(path, "a") as f:
         f.write(json.dumps({"id": "c2", "label": "b"}) + "\n")
     with pytest.raises(DataError) as err:
         labeler.label(comps)
-    assert err.value.line == 5 and err.value.field_name == "label" and "labels.jsonl" in str(err.value)
+    assert err.value.line == 6 and err.value.field_name == "label" and "labels.jsonl" in str(err.value)
+    assert '"tie"' in str(err.value)
 
 
 class _Judge(http.server.BaseHTTPRequestHandler):

@@ -19,7 +19,7 @@ PER_ITERATION = [
 
 def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
     cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "smoke", "rounds=1",
-                                                      "iterations_per_round=2"))
+                                                      "iterations_per_round=2", "ppo.epochs=2"))
     summary = json.loads(execute("rlhf", cfg, main).read_text())
 
     for key in ("oracle_score_sft", "oracle_score_final", "kl_final", "hack_rate_by_round", "rounds", "iterations",
@@ -41,6 +41,9 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
         assert any(k.startswith("reward/") and k.split("/")[1] in ("math", "code", "helpful") for k in row)
     assert rows[1]["policy/trained"] == 0.0 and "policy/clipfrac" not in rows[1]  # critic warm-up
     assert rows[2]["policy/trained"] == 1.0 and "policy/clipfrac" in rows[2] and rows[2]["weight_version"] >= 1
+    # ppo.epochs=2: the first pass is on-policy (ratio 1, no KL to the sampler); the second sees the moved weights.
+    assert rows[2]["policy/approx_kl"] < 1e-6 < rows[2]["policy/approx_kl_last_epoch"]
+    assert isinstance(summary["hack_tracking"], list) and "round1_hacks_halved" in summary
 
     from transformers import AutoModelForCausalLM
 

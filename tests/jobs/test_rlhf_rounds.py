@@ -1,6 +1,7 @@
 """End of an online RLHF round: hack detection -> fast pairs, human labels -> slow pairs, RM update, idempotence."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -142,6 +143,57 @@ def test_short_pattern_gets_fresh_prompts_or_keeps_its_few_pairs_flagged_short(t
     samples = rows(tmp_path / "tries" / "rounds" / "round_1" / "samples.jsonl")
     assert len(samples) == counts["samples"] + counts["extra_samples"]
     assert {s["source"] for s in samples[counts["samples"]:]} == {"early", "late"}  # no SFT responses needed
+
+
+def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monkeypatch):
+    """The programmatic labeler calls equal oracle scores a tie (SFT's equation vs early's "The answer is 7." are
+    both right): no pair, recorded in ties.jsonl. A late policy that stops at once (empty reply) loses to SFT, and
+    that row must reach the RM update rather than fail its parser."""
+    crash_at_rm_update(monkeypatch)
+
+    def stops_early(source: str, prompts: list) -> list[str]:
+        return ["" if source == "late" else text for text in fake_generate(source, prompts)]
+
+    ctx = make_ctx(tmp_path, slow_pairs_per_round=24)
+    ctx = dataclasses.replace(ctx, generate=stops_early)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        end_of_round(ctx)
+    r1 = tmp_path / "rounds" / "round_1"
+    slow, ties = rows(r1 / "slow_pairs.jsonl"), rows(r1 / "ties.jsonl")
+    counts = json.loads((r1 / "patterns.json").read_text())["pair_counts"]
+    assert ties and counts["slow_ties"] == len(ties) and counts["slow"] == len(slow)
+    assert {t["pair_id"] for t in ties}.isdisjoint(r["pair_id"] for r in slow)
+    emptied = [r for r in slow if r["rejected"] == ""]
+    assert emptied and all(r["chosen"] for r in slow)  # every late reply is empty and loses
+    pairs, stats = rounds.training_pairs(ctx)
+    assert stats["online"] == len(slow) and any(p.rejected == "" for p in pairs)
+
+
+def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later_rounds(tmp_path, monkeypatch):
+    """Round 1's late policy pads 3 of 4 replies with the filler; round 2's pads fewer, round 3's none. The pattern
+    mined in round 1 is re-measured on every round's late samples: 0.75-ish -> lower -> 0, reduction 1.0."""
+    crash_at_rm_update(monkeypatch)
+    share = {1: 4, 2: 2, 3: 0}  # of every 4 prompts, how many late replies carry the filler
+
+    def generate_for(round_idx: int):
+        def gen(source: str, prompts: list) -> list[str]:
+            out = []
+            for p, text in zip(prompts, fake_generate("early" if source == "late" else source, prompts)):
+                hacky = int(hashlib.sha256(p.id.encode()).hexdigest(), 16) % 4 < share[round_idx]
+                out.append(f"{text} {FILLER} {FILLER}" if source == "late" and hacky else text)
+            return out
+        return gen
+
+    for r in (1, 2, 3):
+        ctx = dataclasses.replace(make_ctx(tmp_path, round_idx=r, slow_path=False), generate=generate_for(r))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            end_of_round(ctx)
+    tracked = rounds.track_hacks(tmp_path)
+    mined = [t for t in tracked if t["found_in_round"] == 1 and t["pattern"].startswith("phrase:")]
+    assert mined, f"round 1's filler was not detected: {tracked}"
+    rates = mined[0]["late_rate_by_round"]
+    assert len(rates) == 3 and rates[0] > 0.5 and rates[0] > rates[1] > rates[2] == 0.0
+    assert mined[0]["reduction"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- end to end
