@@ -170,7 +170,8 @@ def recap(summaries: dict[str, dict]) -> None:
         r = summaries["rlhf"]
         lines.append(f"RLHF: held-out oracle score {r['oracle_score_sft']:.3f} (SFT) -> {r['oracle_score_final']:.3f} "
                      f"(after {r['rounds']} rounds), KL {r['kl_final']:.3f}, hack rate by round "
-                     f"{[round(h, 3) for h in r['hack_rate_by_round']]}")
+                     f"{[round(h, 3) for h in r['hack_rate_by_round']]}, RM agrees with the labeler on the policy's replies "
+                     f"{[None if a is None else round(a, 2) for a in r.get('rm_label_agreement_by_round', [])]}")
     if "eval" in summaries:
         lines.append(f"evaluation report: {summaries['eval']['report']}")
     if "serve" in summaries and summaries["serve"].get("smoke_reply") is not None:

@@ -623,6 +623,8 @@ def finish_run(ctx: Context) -> dict:
         "round1_hacks_halved": (all(t["reduction"] is not None and t["reduction"] >= 0.5 for t in from_round_1)
                                 if from_round_1 else None),
         "pair_counts_by_round": [r["pair_counts"] for r in state.round_results],
+        # How often the RM PPO optimised against agreed with the labeler on the policy's own replies, per round.
+        "rm_label_agreement_by_round": [r["pair_counts"].get("rm_label_agreement") for r in state.round_results],
         "rm_dirs": [r["new_rm_dir"] for r in state.round_results],
         "rounds": len(state.round_results),
         "iterations": state.iteration,

@@ -261,6 +261,7 @@ class LabelBook:
         self.labeler, self.name, self.round = labeler, name, round_idx
         self.prompts: dict[str, Prompt] = {}
         self.pending: dict[str, dict] = {}
+        self.agreement: tuple[float | None, int] = (None, 0)  # rm_label_agreement of the slow-path comparisons
         self._cache: dict[str, int | str | None] = {}
 
     def label(self, pairs: list[tuple[Sample, Sample]], purpose: str = "") -> list[int | str | None]:
@@ -394,6 +395,7 @@ def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]],
     rows = [labelled_row(a, b, y, round_idx=ctx.round, labeler=labels.name)
             for (a, b), y in zip(cands, answers) if y in (0, 1)]
     ties = [_tie_row(a, b, ctx.round) for (a, b), y in zip(cands, answers) if y == TIE]
+    labels.agreement = rm_label_agreement([(a, b, y) for (a, b), y in zip(cands, answers)])
     used = used_pair_ids(ctx) | {r["pair_id"] for r in rows}
     waiting = []
     for d in prior_round_dirs(ctx):
@@ -412,6 +414,20 @@ def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]],
         elif y == TIE:
             ties.append(_tie_row(a, b, ctx.round))
     return rows + late_rows, len(late_rows), ties
+
+
+def rm_label_agreement(labelled: list[tuple[Sample, Sample, Any]]) -> tuple[float | None, int]:
+    """(share of labelled comparisons where the round's RM ranks the labeler's choice higher, how many were compared).
+
+    The comparisons are the policy's own replies, so this is the RM's accuracy where PPO actually queries it - unlike
+    the held-out pair accuracy of the reward job, which is measured on the world's styled replies. An RM tie counts
+    half. None when nothing was labelled 0 or 1."""
+    scored = [(a.rm_score, b.rm_score, y) for a, b, y in labelled
+              if y in (0, 1) and a.rm_score is not None and b.rm_score is not None]
+    if not scored:
+        return None, 0
+    hits = [0.5 if sa == sb else float((sa > sb) == (y == 0)) for sa, sb, y in scored]
+    return sum(hits) / len(hits), len(hits)
 
 
 def _tie_row(a: Sample, b: Sample, round_idx: int) -> dict:
@@ -440,7 +456,8 @@ def collect_preferences(ctx: RoundContext) -> None:
               "extra_sampling_tries": fast["extra_tries"],
               "patterns_detected": sum(p["detected"] for p in fast["patterns"]),
               "fast": len(fast_rows), "slow": len(slow_rows) - from_prior, "slow_from_prior_rounds": from_prior,
-              "slow_ties": len(ties),
+              "slow_ties": len(ties), "rm_label_agreement": labels.agreement[0],
+              "rm_label_compared": labels.agreement[1],
               "to_label": len(labels.pending), "new_pairs": len(new_rows)}
     all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
     atomic_write_jsonl(rdir / "samples.jsonl", [s.to_row() for s in all_samples])
@@ -619,7 +636,7 @@ def log_round(ctx: RoundContext, result: RoundResult) -> None:
     metrics: dict[str, Any] = {"online/round": ctx.round, "online/hack_rate_early": result.hack_rate_early,
                                "online/hack_rate_late": result.hack_rate_late,
                                "online/patterns_short": sum(p["short"] for p in collected["patterns"])}
-    metrics.update({f"online/pairs/{k}": v for k, v in result.pair_counts.items()})
+    metrics.update({f"online/pairs/{k}": v for k, v in result.pair_counts.items() if isinstance(v, (int, float))})
     metrics.update({f"online/rm/{k}": v for k, v in result.rm_eval.items() if isinstance(v, (int, float))})
     ctx.logger.log(metrics, step=ctx.log_step)
     short = [p["name"] for p in collected["patterns"] if p["short"]]

@@ -163,10 +163,24 @@ def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monke
     counts = json.loads((r1 / "patterns.json").read_text())["pair_counts"]
     assert ties and counts["slow_ties"] == len(ties) and counts["slow"] == len(slow)
     assert {t["pair_id"] for t in ties}.isdisjoint(r["pair_id"] for r in slow)
+    # The phrase-loving RM scores an empty reply 0 and every non-empty one above it: it agrees with every label.
+    assert counts["rm_label_agreement"] == 1.0 and counts["rm_label_compared"] == len(slow)
     emptied = [r for r in slow if r["rejected"] == ""]
     assert emptied and all(r["chosen"] for r in slow)  # every late reply is empty and loses
     pairs, stats = rounds.training_pairs(ctx)
     assert stats["online"] == len(slow) and any(p.rejected == "" for p in pairs)
+
+
+def test_rm_label_agreement_counts_rm_ties_half_and_skips_unlabelled():
+    def sample(score: float) -> rounds.Sample:
+        return rounds.Sample("p", "math", [], f"r{score}", "late", 1, 0, rm_score=score)
+
+    labelled = [(sample(1.0), sample(0.0), 0),   # RM agrees with "a"
+                (sample(1.0), sample(0.0), 1),   # RM disagrees
+                (sample(2.0), sample(2.0), 0),   # RM tie: half
+                (sample(3.0), sample(0.0), None), (sample(3.0), sample(0.0), "tie")]  # not compared
+    assert rounds.rm_label_agreement(labelled) == (1.5 / 3, 3)
+    assert rounds.rm_label_agreement(labelled[3:]) == (None, 0)
 
 
 def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later_rounds(tmp_path, monkeypatch):
