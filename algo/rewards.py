@@ -45,8 +45,10 @@ def compute_token_rewards(
         kl_coef: beta, from the KL controller (`algo.kl`).
         kl_estimator: "k1" | "k2" | "k3".
 
-    Returns `rewards` `[B, T]` and metrics: `kl/token_mean` (mean KL per response token) and `kl/seq_sum_mean` (KL
-    summed over each response, averaged over responses; what the adaptive controller targets).
+    Returns `rewards` `[B, T]` and metrics: `kl/token_mean` (mean KL per response token), `kl/seq_sum_mean` (KL
+    summed over each response, averaged over responses; what the adaptive controller targets), both with the
+    penalty's estimator, and `kl/k3_seq_sum_mean`, the same sum with k3, which is never negative: k1 averages
+    log-ratios and dips below 0 by sampling noise when the policy is close to the reference.
     """
     check_scores(scores, response_mask)
     check_token_tensors(response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
@@ -59,5 +61,7 @@ def compute_token_rewards(
     metrics = {
         "kl/token_mean": compute_masked_mean(kl, mask),
         "kl/seq_sum_mean": compute_masked_sum(kl, mask, dim=1).mean(),
+        "kl/k3_seq_sum_mean": compute_masked_sum(compute_kl(logprobs.detach(), ref_logprobs.detach(), "k3") * mask,
+                                                 mask, dim=1).mean(),
     }
     return rewards, metrics

@@ -97,14 +97,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(model: str, port: int, max_batch_size: int, quantization: str) -> str:
+def deploy(model: str, port: int, max_batch_size: int, quantization: str, batch_wait_s: float) -> str:
     from serve.app import run_app
     from serve.config import ServeConfig
     from serve.engines.hf import HFEngineConfig
 
     cfg = ServeConfig(model_path=model, port=port, max_ongoing_requests=64, max_queued_requests=256,
                       num_cpus=1, hf=HFEngineConfig(quantization=quantization, max_batch_size=max_batch_size,
-                                                     batch_wait_timeout_s=0.005))
+                                                     batch_wait_timeout_s=batch_wait_s))
     return run_app(cfg)
 
 
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--quantization", default="none", help="serve.hf.quantization for the run")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--batch-wait", type=float, default=0.01,
+                    help="serve.hf.batch_wait_timeout_s: how long a batch's first request waits for company")
     ap.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (the replica takes 1)")
     args = ap.parse_args()
     if args.client:
@@ -176,16 +178,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(build_model(Path(tmp) / f"h{args.hidden}", args.hidden))
         port = free_port()
-        print(f"model {model} quantization={args.quantization} max_tokens={args.max_tokens} "
+        print(f"model {model} quantization={args.quantization} max_tokens={args.max_tokens} batch_wait={args.batch_wait}s "
               f"duration={args.duration}s load avg {os.getloadavg()[0]:.1f}", flush=True)
-        url = deploy(model, port, 16, args.quantization)
+        url = deploy(model, port, 16, args.quantization, args.batch_wait)
         print(f"\n== batched engine (max_batch_size=16): closed-loop clients\n{HEADER}", flush=True)
         scaling = {}
         for c in (1, 8, 32):
             scaling[c] = run_client_process(url, c, args.duration, args.max_tokens)
             print(fmt(scaling[c]), flush=True)
         batched16 = run_client_process(url, 16, args.duration, args.max_tokens)
-        url = deploy(model, port, 1, args.quantization)  # same app name: Serve replaces the deployment
+        url = deploy(model, port, 1, args.quantization, args.batch_wait)  # same app name: Serve replaces the deployment
         single16 = run_client_process(url, 16, args.duration, args.max_tokens)
         print(f"\n== 16 clients: batched vs one request at a time\n{'engine':>14} {HEADER}")
         print(f"{'batch<=16':>14} {fmt(batched16)}\n{'batch=1':>14} {fmt(single16)}")

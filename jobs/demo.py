@@ -169,7 +169,7 @@ def recap(summaries: dict[str, dict]) -> None:
     if "rlhf" in summaries:
         r = summaries["rlhf"]
         lines.append(f"RLHF: held-out oracle score {r['oracle_score_sft']:.3f} (SFT) -> {r['oracle_score_final']:.3f} "
-                     f"(after {r['rounds']} rounds), KL {r['kl_final']:.3f}, hack rate by round "
+                     f"(after {r['rounds']} rounds), KL {r.get('kl_final_k3') or 0.0:.3f} (k3), hack rate by round "
                      f"{[round(h, 3) for h in r['hack_rate_by_round']]}, RM agrees with the labeler on the policy's replies "
                      f"{[None if a is None else round(a, 2) for a in r.get('rm_label_agreement_by_round', [])]}")
     if "eval" in summaries:

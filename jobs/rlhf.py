@@ -385,6 +385,7 @@ def ppo_iteration(ctx: Context) -> dict[str, float]:
         **{f"reward/{d}": sum(v) / len(v) for d, v in sorted(by_domain.items())},
         "kl": float(kl_metrics["kl/seq_sum_mean"]),
         "kl/token_mean": float(kl_metrics["kl/token_mean"]),
+        "kl/k3": float(kl_metrics["kl/k3_seq_sum_mean"]),
         "kl/coef": kl_coef,
         "entropy": float(compute_masked_mean(fwd["entropy"], mask)),
         "advantages/mean": float(compute_masked_mean(advantages, mask)),
@@ -610,7 +611,8 @@ def finish_run(ctx: Context) -> dict:
         "oracle_score_gain": final["mean"] - sft["mean"],
         "oracle_score_by_domain_sft": sft["by_domain"],
         "oracle_score_by_domain_final": final["by_domain"],
-        "kl_final": state.last_metrics.get("kl"),
+        "kl_final": state.last_metrics.get("kl"),  # the penalty's estimator (k1 by default): noisy around 0
+        "kl_final_k3": state.last_metrics.get("kl/k3"),  # never negative; what "KL stays bounded" reads
         "mismatch_p95_final": state.last_metrics.get("mismatch/p95_abs"),
         "reward_raw_final": state.last_metrics.get("reward/raw_mean"),
         "hack_rate_by_round": [r["hack_rate_late"] for r in state.round_results],

@@ -33,6 +33,9 @@ def test_rewards_by_hand_with_score_on_last_valid_token():
     # per sequence sums (-0.5, -0.1, 0.3) -> mean -0.3 / 3 = -0.1
     assert metrics["kl/token_mean"].item() == pytest.approx(-0.05)
     assert metrics["kl/seq_sum_mean"].item() == pytest.approx(-0.1)
+    # k3 = e^-d - 1 + d with d = logp - ref: row0 0.106531 + 0.718282 + 0 = 0.824812, row1 0.005171,
+    # row2 0.021403 + 0.106531 = 0.127933 -> mean 0.957917 / 3 = 0.319306 (never negative, unlike k1's -0.1)
+    assert metrics["kl/k3_seq_sum_mean"].item() == pytest.approx(0.319306, abs=1e-6)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
