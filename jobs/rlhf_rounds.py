@@ -261,7 +261,6 @@ class LabelBook:
         self.labeler, self.name, self.round = labeler, name, round_idx
         self.prompts: dict[str, Prompt] = {}
         self.pending: dict[str, dict] = {}
-        self.agreement: tuple[float | None, int] = (None, 0)  # rm_label_agreement of the slow-path comparisons
         self._cache: dict[str, int | str | None] = {}
 
     def label(self, pairs: list[tuple[Sample, Sample]], purpose: str = "") -> list[int | str | None]:
@@ -395,7 +394,6 @@ def slow_path(ctx: RoundContext, samples: dict[str, list[Sample]],
     rows = [labelled_row(a, b, y, round_idx=ctx.round, labeler=labels.name)
             for (a, b), y in zip(cands, answers) if y in (0, 1)]
     ties = [_tie_row(a, b, ctx.round) for (a, b), y in zip(cands, answers) if y == TIE]
-    labels.agreement = rm_label_agreement([(a, b, y) for (a, b), y in zip(cands, answers)])
     used = used_pair_ids(ctx) | {r["pair_id"] for r in rows}
     waiting = []
     for d in prior_round_dirs(ctx):
@@ -452,14 +450,17 @@ def collect_preferences(ctx: RoundContext) -> None:
     for r in fast_rows + slow_rows:
         unique.setdefault(r["pair_id"], r)
     new_rows = list(unique.values())
+    all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
+    by_id = {s.sample_id: s for s in all_samples}
+    agreement, compared = rm_label_agreement([  # this round's slow rows: chosen is the labeler's choice
+        (by_id[r["lineage"]["chosen"]["sample_id"]], by_id[r["lineage"]["rejected"]["sample_id"]], 0)
+        for r in slow_rows if r["lineage"]["round"] == ctx.round])
     counts = {"samples": sum(len(v) for v in samples.values()), "extra_samples": len(fast["extra_samples"]),
               "extra_sampling_tries": fast["extra_tries"],
               "patterns_detected": sum(p["detected"] for p in fast["patterns"]),
               "fast": len(fast_rows), "slow": len(slow_rows) - from_prior, "slow_from_prior_rounds": from_prior,
-              "slow_ties": len(ties), "rm_label_agreement": labels.agreement[0],
-              "rm_label_compared": labels.agreement[1],
+              "slow_ties": len(ties), "rm_label_agreement": agreement, "rm_label_compared": compared,
               "to_label": len(labels.pending), "new_pairs": len(new_rows)}
-    all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
     atomic_write_jsonl(rdir / "samples.jsonl", [s.to_row() for s in all_samples])
     atomic_write_jsonl(rdir / "to_label.jsonl", list(labels.pending.values()))
     atomic_write_jsonl(rdir / "fast_pairs.jsonl", fast_rows)

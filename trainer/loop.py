@@ -7,6 +7,7 @@ N/2 + crash + rerun give the same model.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import time
@@ -44,11 +45,8 @@ class TrainResult:
     stopped_early: bool = False
 
     def summary(self) -> dict:
-        """The headline figures every training job puts in its summary.json."""
-        return {"model_dir": self.model_dir, "final_loss": self.final_loss, "steps": self.steps,
-                "total_steps": self.total_steps, "tokens": self.tokens, "tokens_per_second": self.tokens_per_second,
-                "checkpoint_dir": self.checkpoint_dir, "resumed_from_step": self.resumed_from_step,
-                "stopped_early": self.stopped_early}
+        """The headline figures every training job puts in its summary.json (every field)."""
+        return dataclasses.asdict(self)
 
 
 def seed_all(seed: int) -> None:
