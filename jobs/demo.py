@@ -83,10 +83,11 @@ def _(s):
     return []
 
 
-# SFT on the world's 3,000 chats: 250 steps x 4 rows per worker (~2 epochs). At 100 x 2 (sft.yaml's default, sized
-# for the shipped samples) the tiny model scores 0.13 on held-out prompts; at 250 x 4 it scores 0.88 of the 0.91
-# the world allows a policy that cannot see the RM's condition (docs/design.md, "The demo's model budget").
-DEMO_SFT = ["trainer.max_steps=250", "trainer.micro_batch_size=4"]
+# SFT on the world's 3,000 chats: 600 steps x 8 rows per worker (~1.6 epochs). The demonstrations mix good, bare
+# and wrong answers (data/world: sft_mix); at 250 x 4 the tiny model had not learnt that mix (0.42 held-out, sampled,
+# with garbled samples an RM cannot judge), at 600 x 8 it samples clean answers in the mix's proportions (0.67).
+# At 100 x 2 (sft.yaml's default, sized for the shipped samples) it is barely trained (docs/design.md).
+DEMO_SFT = ["trainer.max_steps=600", "trainer.micro_batch_size=8"]
 
 
 @_wire("sft")
@@ -168,8 +169,11 @@ def recap(summaries: dict[str, dict]) -> None:
     lines = []
     if "rlhf" in summaries:
         r = summaries["rlhf"]
+        greedy = ""
+        if "oracle_score_greedy_sft" in r:
+            greedy = f" [greedy {r['oracle_score_greedy_sft']:.3f} -> {r['oracle_score_greedy_final']:.3f}]"
         lines.append(f"RLHF: held-out oracle score {r['oracle_score_sft']:.3f} (SFT) -> {r['oracle_score_final']:.3f} "
-                     f"(after {r['rounds']} rounds), KL {r.get('kl_final_k3') or 0.0:.3f} (k3), hack rate by round "
+                     f"(after {r['rounds']} rounds){greedy}, KL {r.get('kl_final_k3') or 0.0:.3f} (k3), hack rate by round "
                      f"{[round(h, 3) for h in r['hack_rate_by_round']]}, RM agrees with the labeler on the policy's replies "
                      f"{[None if a is None else round(a, 2) for a in r.get('rm_label_agreement_by_round', [])]}")
     if "eval" in summaries:

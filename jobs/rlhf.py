@@ -163,8 +163,16 @@ class PromptConfig:
 
 @dataclass
 class EvalConfig:
-    heldout_per_domain: int = 12  # held-out prompts per domain for the oracle score (greedy decoding)
+    heldout_per_domain: int = 12  # held-out prompts per domain for the oracle score
+    # Samples per held-out prompt at the rollout's temperature/top_p: the headline score is the policy PPO trains
+    # (a distribution); the greedy score is reported beside it (docs/design.md, "What the tiny world can show").
+    samples_per_prompt: int = 4
     max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
+
+    def __post_init__(self) -> None:
+        if self.heldout_per_domain < 1 or self.samples_per_prompt < 1 or self.max_new_tokens < 0:
+            raise ValueError("eval.heldout_per_domain and eval.samples_per_prompt must be >= 1, "
+                             "eval.max_new_tokens >= 0")
 
 
 @dataclass
@@ -205,7 +213,7 @@ class RLHFJobConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # path "" = policy.path
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
-        sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=24)))  # model_path "" = policy.path
+        sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)))  # model_path "" = policy.path
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     placement: RLHFPlacementConfig = field(default_factory=RLHFPlacementConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -555,16 +563,26 @@ def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
 
 
 def evaluate_oracle(ctx: Context) -> dict:
-    """Mean oracle score (`data.world.score`, in [0, 1]) of greedy responses on held-out prompts of every domain."""
+    """Mean oracle score (`data.world.score`, in [0, 1]) on held-out prompts of every domain, of the policy as PPO
+    trains it (`eval.samples_per_prompt` samples each at the rollout's temperature/top_p, same seeds before and
+    after) and of its greedy answers. {"mean", "by_domain", "greedy": {"mean", "by_domain"}}."""
     from data.world import make_prompts
-    from data.world import score as oracle
 
     cfg = ctx.cfg
     serve_weights(ctx.roles, ctx.state, "policy", timeout_s=cfg.timeouts.sync_s)
     prompts = [p for d in domains(cfg) for p in make_prompts(d, cfg.eval.heldout_per_domain, cfg.run.seed, "heldout")]
-    greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0,
-                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens)
-    rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], greedy, cfg.timeouts.generate_s)
+    tokens = cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
+    greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=tokens)
+    sampled = ctx.sampling(iteration_seed(cfg.run.seed, 10**6), max_new_tokens=tokens)  # never a PPO iteration's
+    out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled)
+    out["greedy"] = _oracle_means(ctx, prompts, greedy)
+    return out
+
+
+def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig) -> dict:
+    from data.world import score as oracle
+
+    rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], sampling, ctx.cfg.timeouts.generate_s)
     by_domain: dict[str, list[float]] = {}
     for p, r in zip(prompts, rollouts):
         by_domain.setdefault(p.domain, []).append(oracle(p, ctx.codec.decode(r.response_ids)))
@@ -611,6 +629,10 @@ def finish_run(ctx: Context) -> dict:
         "oracle_score_gain": final["mean"] - sft["mean"],
         "oracle_score_by_domain_sft": sft["by_domain"],
         "oracle_score_by_domain_final": final["by_domain"],
+        "oracle_score_greedy_sft": sft["greedy"]["mean"],
+        "oracle_score_greedy_final": final["greedy"]["mean"],
+        "oracle_score_greedy_by_domain_sft": sft["greedy"]["by_domain"],
+        "oracle_score_greedy_by_domain_final": final["greedy"]["by_domain"],
         "kl_final": state.last_metrics.get("kl"),  # the penalty's estimator (k1 by default): noisy around 0
         "kl_final_k3": state.last_metrics.get("kl/k3"),  # never negative; what "KL stays bounded" reads
         "mismatch_p95_final": state.last_metrics.get("mismatch/p95_abs"),
@@ -639,11 +661,14 @@ def finish_run(ctx: Context) -> dict:
 
 
 def print_table(sft: dict, final: dict) -> None:
-    rows = [(d, sft["by_domain"][d], final["by_domain"].get(d, float("nan"))) for d in sft["by_domain"]]
-    rows.append(("ALL", sft["mean"], final["mean"]))
-    lines = [f"{'domain':<10} {'SFT':>7} {'final':>7} {'delta':>7}"]
-    lines += [f"{d:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f}" for d, a, b in rows]
-    print("held-out oracle score (greedy), before -> after RLHF\n" + "\n".join(lines), file=sys.stderr)
+    lines = [f"{'domain':<10} {'SFT':>7} {'final':>7} {'delta':>7}   greedy: {'SFT':>7} {'final':>7} {'delta':>7}"]
+    rows = [(d, sft["by_domain"][d], final["by_domain"].get(d, float("nan")), sft["greedy"]["by_domain"][d],
+             final["greedy"]["by_domain"].get(d, float("nan"))) for d in sft["by_domain"]]
+    rows.append(("ALL", sft["mean"], final["mean"], sft["greedy"]["mean"], final["greedy"]["mean"]))
+    lines += [f"{d:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f}           {c:7.3f} {e:7.3f} {e - c:+7.3f}"
+              for d, a, b, c, e in rows]
+    print("held-out oracle score (sampled as in rollouts; greedy beside it), before -> after RLHF\n"
+          + "\n".join(lines), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -31,7 +31,7 @@ def _wrong(prompt: Prompt, rng: random.Random) -> int:
 
 class ArithmeticDomain(Domain):
     name = "math"
-    sft_style = "equation"
+    sft_mix = {"equation": 0.55, "answer": 0.15, "wrong_equation": 0.2, "unsure": 0.1}
 
     def __init__(self) -> None:
         super().__init__()

@@ -72,7 +72,7 @@ def run_tests(code: str, name: str, word: str) -> float:
 
 class CodeDomain(Domain):
     name = "code"
-    sft_style = "code"
+    sft_mix = {"code": 0.6, "wrong_op": 0.2, "prints": 0.1, "prose": 0.1}
 
     def __init__(self) -> None:
         super().__init__()

@@ -47,7 +47,15 @@ class Domain:
 
     name: str
     STYLES: dict[str, Style]
-    sft_style: str
+    # The SFT demonstrations' styles and their shares: demonstrators of uneven quality, as real SFT data is (terse
+    # answers, slips, over-refusals). Where a better style exists than the common one, RLHF has something to find;
+    # a world whose demonstrations are all optimal leaves PPO nothing to gain (docs/design.md).
+    sft_mix: dict[str, float]
+
+    @property
+    def sft_style(self) -> str:
+        """The demonstrations' most common style: what the SFT policy answers by default."""
+        return max(self.sft_mix, key=self.sft_mix.get)
 
     def __init__(self) -> None:
         self._cache: dict[str, list[Prompt]] = {}

@@ -34,7 +34,7 @@ def _addressed(target: str) -> str:
 
 class HarmlessDomain(Domain):
     name = "harmless"
-    sft_style = "appropriate"
+    sft_mix = {"appropriate": 0.8, "inappropriate": 0.2}
 
     def __init__(self) -> None:
         super().__init__()

@@ -11,10 +11,11 @@ Off-topic (bad) answers give another verb's instructions about the right object.
 the base pairs, and the oracle stays honest about them: "repetitive" repeats the instruction, "padded" adds
 pleasantries (both longer, both cost oracle points for repeated / irrelevant sentences), "wrong_object" gives
 the right instructions about another object (no base pair contrasts objects, so an RM cannot learn it).
-Which of them an RM trained on the base pairs pays more for than for the SFT policy's own "medium" answer
+Which of them an RM trained on the base pairs pays more for than for the SFT policy's usual "short" answer
 (while the oracle pays less) is measured per run by jobs/reward.py (eval.json `style_scores`, summary
 `over_rewarded_styles`). In our runs: "repetitive" and "padded" under detailed every time, "padded" under
-helpful in some runs, and "wrong_object" level with "medium" under helpful and concise.
+helpful in some runs, and "wrong_object" level with "medium" under helpful and concise (measured when the
+SFT answer was "medium").
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def score_detailed(meta: dict, response: str) -> float:
 class HowToDomain(Domain):
     _SCORERS = {"helpful": score_helpful, "concise": score_concise, "detailed": score_detailed}
     _GOOD_BAD = {
-        "helpful": (["medium", "detailed"], ["off_topic", "unsure", "refuse"]),
+        "helpful": (["medium", "detailed"], ["short", "off_topic", "unsure", "refuse"]),
         "concise": (["short"], ["medium", "detailed", "off_topic_short", "unsure"]),
         "detailed": (["detailed"], ["short", "medium", "off_topic_detailed", "unsure"]),
     }
@@ -165,7 +166,10 @@ class HowToDomain(Domain):
             raise ValueError(f"how-to domains are {sorted(self._SCORERS)}, got {name!r}")
         self.name = name
         self.STYLES = _styles()
-        self.sft_style = "medium"
+        # Demonstrators of uneven quality: mostly the bare instruction, sometimes with one or two reasons, and a fifth
+        # off-topic or unsure. RLHF has wrong answers to remove and a length to settle, which helpful/detailed
+        # (longer) and concise (shorter) pull apart on the same prompts.
+        self.sft_mix = {"short": 0.45, "medium": 0.25, "detailed": 0.1, "off_topic": 0.1, "unsure": 0.1}
 
     def _universe(self) -> list[Prompt]:
         return howto_prompts(self.name)

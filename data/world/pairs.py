@@ -81,10 +81,11 @@ def conflict_pairs(n: int, seed: int, split: str = "heldout") -> list[dict]:
 
 
 def sft_conversations(n: int, seed: int) -> list[dict]:
-    """n single-turn chats `{"messages": [user, assistant]}` with each domain's good (SFT) style.
+    """n single-turn chats `{"messages": [user, assistant]}`, each reply of a style drawn from the domain's
+    `sft_mix` (mostly adequate, some better, some wrong: the SFT policy inherits that spread, RLHF narrows it).
 
     concise/detailed are RM conditions over the how-to prompts that `helpful` already covers, so they are
-    not repeated here; the SFT policy answers how-to questions in the middle ("medium") style.
+    not repeated here.
     """
     rng = _rng("sft", seed)
     domains = [d for d in DOMAINS if d not in CONFLICT_DOMAINS]
@@ -92,7 +93,8 @@ def sft_conversations(n: int, seed: int) -> list[dict]:
     for i in range(n):
         dom = get_domain(domains[i % len(domains)])
         prompt = dom.sample_prompts(1, rng, "train")[0]
-        reply = dom.respond(prompt, dom.sft_style, rng)
+        style = rng.choices(list(dom.sft_mix), weights=list(dom.sft_mix.values()))[0]
+        reply = dom.respond(prompt, style, rng)
         rows.append({"messages": prompt.messages + [{"role": "assistant", "content": reply}]})
     rng.shuffle(rows)
     return rows

@@ -103,6 +103,29 @@ def test_sft_conversations_are_openai_rows_with_good_answers():
     assert any("+" in t for t in texts) and any("Python" in t for t in texts)
 
 
+def test_sft_demonstrations_follow_each_domains_mix_so_rlhf_has_room():
+    """Demonstrations of uneven quality: the mode is adequate, better and wrong answers are there too. A world
+    whose demonstrations were all optimal would leave PPO nothing to find (docs/design.md)."""
+    rows = sft_conversations(2400, seed=0)
+    math_prompts = {p.text: p for p in get_domain("math").universe("train")}
+    scored = [score(math_prompts[q], a) for q, a in ((r["messages"][0]["content"], r["messages"][1]["content"])
+                                                     for r in rows) if q in math_prompts]
+    assert len(scored) > 300
+    wrong = scored.count(0.0) / len(scored)
+    mix = get_domain("math").sft_mix
+    expected_wrong = (mix["wrong_equation"] + mix["unsure"]) / sum(mix.values())
+    assert abs(wrong - expected_wrong) < 0.06  # 0.3 by the mix; binomial sd at n~400 is ~0.023
+    helpful = get_domain("helpful")
+    assert helpful.sft_style == "short"  # the mode: right but bare; helpful and detailed want a reason too
+    howto = {p.text: p for p in helpful.universe("train")}
+    replies = [(howto[r["messages"][0]["content"]], r["messages"][1]["content"]) for r in rows
+               if r["messages"][0]["content"] in howto]
+    by_score = [score(p, a) for p, a in replies]
+    assert 0.12 < by_score.count(0.0) / len(by_score) < 0.28  # off-topic + unsure: 0.2 by the mix
+    # bare answers are common, explained ones present (harmless' how-to rows, same texts, add explained answers)
+    assert by_score.count(0.7) / len(by_score) > 0.25 and by_score.count(1.0) > 0
+
+
 # ---------------------------------------------------------------------------------------------- labelers
 
 

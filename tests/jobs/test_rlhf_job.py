@@ -24,13 +24,14 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
 
     for key in ("oracle_score_sft", "oracle_score_final", "kl_final", "hack_rate_by_round", "rounds", "iterations",
                 "seconds", "model_dir", "oracle_score_by_domain_sft", "oracle_score_by_domain_final",
-                "mismatch_p95_final"):
+                "mismatch_p95_final", "oracle_score_greedy_sft", "oracle_score_greedy_final"):
         assert key in summary, key
     assert summary["completed"] and summary["rounds"] == 1 and summary["iterations"] == 2
     assert len(summary["hack_rate_by_round"]) == 1
     assert 0.0 <= summary["oracle_score_final"] <= 1.0
     assert summary["kl_final_k3"] >= 0.0  # k3 cannot go negative, whatever k1's sampling noise does
     assert set(summary["oracle_score_by_domain_final"]) == set(summary["oracle_score_by_domain_sft"])
+    assert set(summary["oracle_score_greedy_by_domain_sft"]) == set(summary["oracle_score_by_domain_sft"])
     # Same weights in engine and trainer: only float noise separates the two log-probs of a sampled token.
     assert summary["mismatch_p95_final"] < 1e-3
 
