@@ -26,9 +26,15 @@ def test_foreground_server_answers_then_stops_cleanly_on_ctrl_c(ray_cluster, tin
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "jobs/serve.py", f"model.path={tiny_dir}", f"serve.port={port}", f"run.root={tmp_path}",
            "logging.wandb=disabled"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    err_path = tmp_path / "stderr.log"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         first = proc.stdout.readline().strip()  # blocks until the model is loaded and /ready answered
+        if not first:  # the job exited before serving: show why
+            proc.wait(timeout=60)
+            pytest.fail(f"jobs/serve.py exited with {proc.returncode} before serving; stderr tail:\n"
+                        + err_path.read_text()[-3000:])
         assert first == f"serving: http://127.0.0.1:{port}/v1", first
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
