@@ -61,7 +61,7 @@ def compute_token_rewards(
     metrics = {
         "kl/token_mean": compute_masked_mean(kl, mask),
         "kl/seq_sum_mean": compute_masked_sum(kl, mask, dim=1).mean(),
-        "kl/k3_seq_sum_mean": compute_masked_sum(compute_kl(logprobs.detach(), ref_logprobs.detach(), "k3") * mask,
-                                                 mask, dim=1).mean(),
     }
+    k3 = kl if kl_estimator == "k3" else compute_kl(logprobs.detach(), ref_logprobs.detach(), "k3")
+    metrics["kl/k3_seq_sum_mean"] = compute_masked_sum(k3, mask, dim=1).mean()
     return rewards, metrics

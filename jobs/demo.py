@@ -164,6 +164,10 @@ def main(cfg: DemoJobConfig, run: Run) -> dict:
     }
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def recap(summaries: dict[str, dict]) -> None:
     """What a person wants to see last: did RLHF help, where is the report, what does the served model say."""
     lines = []
@@ -173,7 +177,7 @@ def recap(summaries: dict[str, dict]) -> None:
         if "oracle_score_greedy_sft" in r:
             greedy = f" [greedy {r['oracle_score_greedy_sft']:.3f} -> {r['oracle_score_greedy_final']:.3f}]"
         lines.append(f"RLHF: held-out oracle score {r['oracle_score_sft']:.3f} (SFT) -> {r['oracle_score_final']:.3f} "
-                     f"(after {r['rounds']} rounds){greedy}, KL {r.get('kl_final_k3') or 0.0:.3f} (k3), hack rate by round "
+                     f"(after {r['rounds']} rounds){greedy}, KL {_fmt(r.get('kl_final_k3'))} (k3), hack rate by round "
                      f"{[round(h, 3) for h in r['hack_rate_by_round']]}, RM agrees with the labeler on the policy's replies "
                      f"{[None if a is None else round(a, 2) for a in r.get('rm_label_agreement_by_round', [])]}")
     if "eval" in summaries:

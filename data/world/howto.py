@@ -156,7 +156,8 @@ class HowToDomain(Domain):
     _SCORERS = {"helpful": score_helpful, "concise": score_concise, "detailed": score_detailed}
     _GOOD_BAD = {
         "helpful": (["medium", "detailed"], ["short", "off_topic", "unsure", "refuse"]),
-        # graded: short > medium > detailed (medium vs detailed pairs, so the RM knows which long answer costs less)
+        # graded: short > medium > detailed (medium vs detailed pairs, so the RM knows which long answer costs less);
+        # a (medium, medium) draw is two equal replies, which preference_pairs drops as a tie
         "concise": (["short", "medium"], ["medium", "detailed", "off_topic_short", "unsure"]),
         "detailed": (["detailed"], ["short", "medium", "off_topic_detailed", "unsure"]),
     }
