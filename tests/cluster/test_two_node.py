@@ -50,22 +50,56 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+def _wait_started(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> bool:
+    """Block until `ray start --block` says the runtime is up; False if it exited first (a port taken between
+    `free_port()` and the bind). A driver that connects while a loaded machine is still starting the GCS can hang in
+    Ray's connect instead of failing, so nothing connects before this line appears."""
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            pytest.fail(f"`ray start` did not report a started runtime in {timeout_s:.0f}s:\n{_tail(log, 3000)}")
+        time.sleep(0.5)
+    return True
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def _start_node(make_args, log: Path, attempts: int = 3) -> tuple[subprocess.Popen, list[str]]:
+    """Start a raylet, with fresh ports on each of `attempts` tries (free ports can be taken before Ray binds them)."""
+    for _ in range(attempts):
+        args = make_args()
+        proc = _start(args, log)
+        if _wait_started(proc, log):
+            return proc, args
+        for d in _temp_dirs(args):
+            shutil.rmtree(d, ignore_errors=True)
+    pytest.fail(f"`ray start` exited {proc.returncode} before the runtime started, {attempts} times:\n{_tail(log, 3000)}")
+
+
+def _temp_dirs(*arg_lists: list[str]) -> list[str]:
+    return [a.split("=", 1)[1] for args in arg_lists for a in args if a.startswith("--temp-dir=")]
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
-    gcs = free_port()
-    head = _start(
-        ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0",
-         '--resources={"node_a": 1}', f"--temp-dir=/tmp/rt{gcs}a", "--include-dashboard=false",
-         f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000", *_node_ports()],
-        tmp_path / "head.log",
-    )
-    worker = None
+    def head_args() -> list[str]:
+        gcs = free_port()
+        return ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0",
+                '--resources={"node_a": 1}', f"--temp-dir=/tmp/rt{gcs}a", "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000", *_node_ports()]
+
+    head, hargs = _start_node(head_args, tmp_path / "head.log")
+    gcs = next(a.split("=", 1)[1] for a in hargs if a.startswith("--port="))
+    worker, wargs = None, []
     try:
-        time.sleep(3)  # the worker raylet retries the GCS anyway; this just avoids noisy first attempts
-        worker = _start(
-            [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-             '--resources={"node_b": 1}', f"--temp-dir=/tmp/rt{gcs}b", "--object-store-memory=100000000",
-             *_node_ports()],
+        worker, wargs = _start_node(
+            lambda: [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+                     '--resources={"node_b": 1}', f"--temp-dir=/tmp/rt{gcs}b", "--object-store-memory=100000000",
+                     *_node_ports()],
             tmp_path / "worker.log",
         )
         yield f"127.0.0.1:{gcs}", tmp_path
@@ -73,21 +107,26 @@ def two_nodes(tmp_path):
         for proc in (worker, head):
             if proc is not None:
                 _stop(proc)
-        for suffix in ("a", "b"):
-            shutil.rmtree(f"/tmp/rt{gcs}{suffix}", ignore_errors=True)
+        for d in _temp_dirs(hargs, wargs):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_roles_pinned_by_custom_resources_land_on_different_nodes(two_nodes):
     address, logs = two_nodes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.cluster.two_node_driver", address],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.cluster.two_node_driver", address],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        )
+    except subprocess.TimeoutExpired as e:
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"driver hung for 240s; its stderr:\n{stderr[-4000:]}\nhead log:\n{_tail(logs / 'head.log')}"
+                    f"\nworker log:\n{_tail(logs / 'worker.log')}")
     if proc.returncode != 0:
-        head_log = (logs / "head.log").read_text()[-2000:]
-        pytest.fail(f"driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}\nhead log:\n{head_log}")
+        pytest.fail(f"driver failed ({proc.returncode}):\n{proc.stderr[-4000:]}\nhead log:\n{_tail(logs / 'head.log')}"
+                    f"\nworker log:\n{_tail(logs / 'worker.log')}")
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
 
     by_marker = {
