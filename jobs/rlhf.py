@@ -426,7 +426,7 @@ def run_rounds(ctx: Context) -> dict:
     """All rounds from wherever the state stands (or up to `stop_after_iterations`); returns the summary."""
     cfg, state, k = ctx.cfg, ctx.state, ctx.cfg.iterations_per_round
     if not state.oracle_sft:
-        state.oracle_sft = evaluate_oracle(ctx)  # the rollout engines still hold the SFT weights
+        state.oracle_sft = evaluate_oracle(ctx, "sft")  # the rollout engines still hold the SFT weights
     bar = progress(total=cfg.total_iterations, desc="rlhf iterations", enabled=cfg.logging.progress)
     bar.update(state.iteration)
     while True:
@@ -562,10 +562,13 @@ def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
     return str(out)
 
 
-def evaluate_oracle(ctx: Context) -> dict:
+def evaluate_oracle(ctx: Context, name: str) -> dict:
     """Mean oracle score (`data.world.score`, in [0, 1]) on held-out prompts of every domain, of the policy as PPO
     trains it (`eval.samples_per_prompt` samples each at the rollout's temperature/top_p, same seeds before and
-    after) and of its greedy answers. {"mean", "by_domain", "greedy": {"mean", "by_domain"}}."""
+    after) and of its greedy answers. {"mean", "by_domain", "greedy": {"mean", "by_domain"}}.
+
+    Every answer, with its prompt and score, goes to `heldout_<name>.jsonl` in the run directory (`decoding`:
+    sampled | greedy), so a number that moved can be read as the replies that moved it."""
     from data.world import make_prompts
 
     cfg = ctx.cfg
@@ -574,18 +577,25 @@ def evaluate_oracle(ctx: Context) -> dict:
     tokens = cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
     greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=tokens)
     sampled = ctx.sampling(iteration_seed(cfg.run.seed, 10**6), max_new_tokens=tokens)  # never a PPO iteration's
-    out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled)
-    out["greedy"] = _oracle_means(ctx, prompts, greedy)
+    rows: list[dict] = []
+    out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled, "sampled", rows)
+    out["greedy"] = _oracle_means(ctx, prompts, greedy, "greedy", rows)
+    from data.io import atomic_write_jsonl
+
+    atomic_write_jsonl(ctx.run.dir / f"heldout_{name}.jsonl", rows)
     return out
 
 
-def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig) -> dict:
+def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig, decoding: str, rows: list[dict]) -> dict:
     from data.world import score as oracle
 
     rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], sampling, ctx.cfg.timeouts.generate_s)
     by_domain: dict[str, list[float]] = {}
     for p, r in zip(prompts, rollouts):
-        by_domain.setdefault(p.domain, []).append(oracle(p, ctx.codec.decode(r.response_ids)))
+        text = ctx.codec.decode(r.response_ids)
+        by_domain.setdefault(p.domain, []).append(oracle(p, text))
+        rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
+                     "oracle": by_domain[p.domain][-1]})
     means = {d: sum(v) / len(v) for d, v in by_domain.items()}
     return {"mean": sum(means.values()) / len(means), "by_domain": means}
 
@@ -615,7 +625,7 @@ def save_checkpoint(ctx: Context) -> Path | None:
 
 def finish_run(ctx: Context) -> dict:
     cfg, state = ctx.cfg, ctx.state
-    final = evaluate_oracle(ctx)
+    final = evaluate_oracle(ctx, "final")
     model_dir = str(ctx.run.dir / "model")
     ctx.roles.policy.get(ctx.roles.policy.call("export_hf", model_dir), phase="export final",
                          timeout_s=cfg.timeouts.checkpoint_s)
@@ -633,6 +643,7 @@ def finish_run(ctx: Context) -> dict:
         "oracle_score_greedy_final": final["greedy"]["mean"],
         "oracle_score_greedy_by_domain_sft": sft["greedy"]["by_domain"],
         "oracle_score_greedy_by_domain_final": final["greedy"]["by_domain"],
+        "heldout_samples": {name: str(ctx.run.dir / f"heldout_{name}.jsonl") for name in ("sft", "final")},
         "kl_final": state.last_metrics.get("kl"),  # the penalty's estimator (k1 by default): noisy around 0
         "kl_final_k3": state.last_metrics.get("kl/k3"),  # never negative; what "KL stays bounded" reads
         "mismatch_p95_final": state.last_metrics.get("mismatch/p95_abs"),

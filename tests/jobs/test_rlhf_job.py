@@ -34,6 +34,16 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     assert set(summary["oracle_score_greedy_by_domain_sft"]) == set(summary["oracle_score_by_domain_sft"])
     # Same weights in engine and trainer: only float noise separates the two log-probs of a sampled token.
     assert summary["mismatch_p95_final"] < 1e-3
+    # Every held-out answer behind the headline is on disk, and the headline is their per-domain mean.
+    for name in ("sft", "final"):
+        answers = [json.loads(line) for line in Path(summary["heldout_samples"][name]).read_text().splitlines()]
+        for decoding, key in (("sampled", f"oracle_score_by_domain_{name}"), ("greedy", f"oracle_score_greedy_by_domain_{name}")):
+            by_domain: dict[str, list[float]] = {}
+            for a in answers:
+                if a["decoding"] == decoding:
+                    by_domain.setdefault(a["domain"], []).append(a["oracle"])
+            assert {d: sum(v) / len(v) for d, v in by_domain.items()} == pytest.approx(summary[key])
+        assert all(a["prompt"] and isinstance(a["response"], str) for a in answers)
 
     rows = metric_rows(Path(summary["run_dir"]))
     assert sorted(rows) == [1, 2]
