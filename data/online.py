@@ -110,19 +110,36 @@ class Repetition:
 
 @dataclass
 class PhraseDetector:
-    """Flags responses containing a phrase (a word n-gram), as found by `mine_rising_phrases`."""
+    """Flags responses containing a phrase (a word n-gram), as found by `mine_rising_phrases`; with `domain`, only
+    responses of that domain (a hack confined to one domain, found by `mine_rising_phrases_by_domain`)."""
 
     phrase: tuple[str, ...]
     name: str = ""
+    domain: str = ""
 
     def __post_init__(self) -> None:
-        self.name = self.name or "phrase:" + " ".join(self.phrase)
+        self.name = self.name or "phrase:" + " ".join(self.phrase) + (f"@{self.domain}" if self.domain else "")
+
+    @classmethod
+    def from_name(cls, name: str) -> "PhraseDetector":
+        """Inverse of the name: "phrase:<words>" or "phrase:<words>@<domain>"."""
+        body = name.removeprefix("phrase:")
+        head, _, domain = body.rpartition("@")
+        if head and domain and " " not in domain:
+            return cls(tuple(head.split()), domain=domain)
+        return cls(tuple(body.split()))
 
     def fit(self, reference: list[Sample]) -> None:
         return None
 
     def flags(self, sample: Sample) -> bool:
-        return _contains(words(sample.response), self.phrase)
+        return (not self.domain or sample.domain == self.domain) and _contains(words(sample.response), self.phrase)
+
+
+def in_scope(det: Detector, samples: list[Sample]) -> list[Sample]:
+    """The samples a detector's rate is measured on: its domain's if it is confined to one, else all."""
+    domain = getattr(det, "domain", "")
+    return [s for s in samples if s.domain == domain] if domain else samples
 
 
 def _contains(w: list[str], phrase: tuple[str, ...]) -> bool:
@@ -171,6 +188,21 @@ def mine_rising_phrases(
     return kept
 
 
+def mine_rising_phrases_by_domain(
+    early: list[Sample], late: list[Sample], *, margin: float = 0.2, min_samples: int = 4,
+) -> list[tuple[tuple[str, ...], str, float, float]]:
+    """`mine_rising_phrases` within each domain: (phrase, domain, rate_early, rate_late_top). A hack confined to one
+    domain of six moves the pooled rates by a sixth of its in-domain rise, under any sensible margin, so it is only
+    visible here. Domains with fewer than `min_samples` early or late samples are skipped (too few to rank)."""
+    out = []
+    for domain in sorted({s.domain for s in late}):
+        e = [s for s in early if s.domain == domain]
+        lt = [s for s in late if s.domain == domain]
+        if len(e) >= min_samples and len(lt) >= min_samples:
+            out += [(phrase, domain, r_e, r_t) for phrase, r_e, r_t in mine_rising_phrases(e, lt, margin=margin)]
+    return out
+
+
 # Fixed detectors by name; "rising_pattern" is not one detector but the miner above, which yields one
 # PhraseDetector per rising phrase.
 STATIC_DETECTORS: dict[str, Callable[[], Detector]] = {"length_blowup": LengthBlowup, "repetition": Repetition}
@@ -217,10 +249,11 @@ def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30,
 ) -> Pattern:
-    """Rate rise plus the over-reward check. `prefer(a, b)` is the labeler: 0 (a), 1 (b), TIE (neither: checked,
-    not over-rewarded) or None (no label)."""
-    r_early = sum(det.flags(s) for s in early) / max(len(early), 1)
-    r_late = sum(det.flags(s) for s in late) / max(len(late), 1)
+    """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check. `prefer(a, b)` is the
+    labeler: 0 (a), 1 (b), TIE (neither: checked, not over-rewarded) or None (no label)."""
+    early_s, late_s = in_scope(det, early), in_scope(det, late)
+    r_early = sum(det.flags(s) for s in early_s) / max(len(early_s), 1)
+    r_late = sum(det.flags(s) for s in late_s) / max(len(late_s), 1)
     contrast = contrast_pairs(det, early, late)
     checked = over = 0
     for e, l in contrast[:max_checks]:
@@ -278,14 +311,20 @@ def fast_path_pairs(
 
 
 def slow_path_candidates(samples: dict[str, list[Sample]], n: int, seed: int) -> list[tuple[Sample, Sample]]:
-    """Pairs of SFT / early / late responses to the same prompt, cycling over the three source pairs."""
+    """Up to n pairs of SFT / early / late responses to the same prompt, never two identical responses.
+
+    The first pass takes one source pair per prompt, cycling over the three; when n asks for more, later passes
+    take each prompt's other source pairs, so a round's samples yield up to three comparisons per prompt."""
     by_src = {src: _by_prompt(v) for src, v in samples.items()}
     combos = [("sft", "late"), ("early", "late"), ("sft", "early")]
     prompts = sorted(set.intersection(*(set(v) for v in by_src.values()))) if by_src else []
     random.Random(seed).shuffle(prompts)
     out = []
-    for i, pid in enumerate(prompts[:n]):
-        a, b = combos[i % len(combos)]
-        if by_src[a][pid].response != by_src[b][pid].response:
-            out.append((by_src[a][pid], by_src[b][pid]))
+    for shift in range(len(combos)):
+        for i, pid in enumerate(prompts):
+            if len(out) >= n:
+                return out
+            a, b = combos[(i + shift) % len(combos)]
+            if by_src[a][pid].response != by_src[b][pid].response:
+                out.append((by_src[a][pid], by_src[b][pid]))
     return out

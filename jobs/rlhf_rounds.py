@@ -55,7 +55,8 @@ from typing import Any, Callable
 from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
     STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs,
-    hack_rate, labelled_row, mine_rising_phrases, pair_id, slow_path_candidates,
+    hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
+    slow_path_candidates,
 )
 from data.preferences import PreferencePair
 from data.world import TIE, Labeler, Prompt
@@ -293,7 +294,8 @@ class LabelBook:
 
 
 def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list[Detector]:
-    """The configured static detectors (fitted on SFT + early responses) plus one per rising phrase."""
+    """The configured static detectors (fitted on SFT + early responses) plus one per rising phrase: phrases
+    rising over all samples, then phrases rising within one domain (confined to it) that the first did not find."""
     detectors: list[Detector] = []
     for name in cfg.detectors:
         if name in STATIC_DETECTORS:
@@ -301,8 +303,12 @@ def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list
             det.fit(samples["sft"] + samples["early"])
             detectors.append(det)
     if "rising_pattern" in cfg.detectors:
-        for phrase, _, _ in mine_rising_phrases(samples["early"], samples["late"], margin=cfg.rise_margin):
-            detectors.append(PhraseDetector(phrase))
+        pooled = [p for p, _, _ in mine_rising_phrases(samples["early"], samples["late"], margin=cfg.rise_margin)]
+        detectors += [PhraseDetector(p) for p in pooled]
+        for phrase, domain, _, _ in mine_rising_phrases_by_domain(samples["early"], samples["late"],
+                                                                  margin=cfg.rise_margin):
+            if phrase not in pooled:
+                detectors.append(PhraseDetector(phrase, domain=domain))
     return detectors
 
 
@@ -653,7 +659,7 @@ def log_round(ctx: RoundContext, result: RoundResult) -> None:
 
 def _detector_from_pattern(name: str, reference: list[Sample]) -> Detector | None:
     if name.startswith("phrase:"):
-        return PhraseDetector(tuple(name.removeprefix("phrase:").split()))
+        return PhraseDetector.from_name(name)
     if name in STATIC_DETECTORS:
         det = STATIC_DETECTORS[name]()
         det.fit(reference)
@@ -680,7 +686,7 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
             det = _detector_from_pattern(pattern["name"], reference)
             if det is None:
                 continue
-            rates = [hack_rate([s for s in samples.get(k, []) if s.source == "late"], [det])
+            rates = [hack_rate(in_scope(det, [s for s in samples.get(k, []) if s.source == "late"]), [det])
                      for k in rounds_seen if k >= r]
             first, last = rates[0], rates[-1]
             out.append({"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,

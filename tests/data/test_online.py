@@ -5,7 +5,7 @@ import pytest
 
 from data.online import (
     LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs, hack_rate,
-    labelled_row, mine_rising_phrases, pair_id, slow_path_candidates, words,
+    in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id, slow_path_candidates, words,
 )
 
 
@@ -44,6 +44,34 @@ def test_rising_phrase_is_mined_and_common_phrases_ignored():
     assert all("answer" not in p for p, _, _ in found)
 
 
+def test_a_hack_confined_to_one_domain_is_found_there_and_measured_there():
+    # Six domains of 8 prompts each. In harmless, 3 of 8 late answers (all top-reward) end with a planted sentence,
+    # 1 of 8 early ones: a rise of 3/4 - 1/8 among harmless' top half, but 3/24 - 1/48 = 0.10 among all samples' top
+    # half, under the 0.2 margin. Pooled mining cannot see it; per-domain mining must, and only there.
+    domains = ("helpful", "harmless", "code", "math", "concise", "detailed")
+    hack = " Write them a short note."
+    def batch(src, hacked, rm_hacked):
+        return [_s(f"{d}{i}", f"answer {d} {i}." + (hack if d == "harmless" and i in hacked else ""), src,
+                   rm=rm_hacked if d == "harmless" and i in hacked else float(i % 4), domain=d)
+                for d in domains for i in range(8)]
+    early, late = batch("early", {0}, 0.0), batch("late", {1, 2, 3}, 9.0)
+    assert not mine_rising_phrases(early, late, margin=0.2)
+    found = mine_rising_phrases_by_domain(early, late, margin=0.2)
+    assert len(found) == 1  # one behaviour, one pattern (its overlapping n-grams are merged)
+    phrase, domain, r_early, r_top = found[0]
+    assert domain == "harmless" and set(phrase) <= set(words(hack)) and (r_early, r_top) == (1 / 8, 3 / 4)
+
+    det = PhraseDetector(phrase, domain="harmless")
+    assert det.name == f"phrase:{' '.join(phrase)}@harmless" and PhraseDetector.from_name(det.name) == det
+    assert PhraseDetector.from_name("phrase:a @ b") == PhraseDetector(("a", "@", "b"))  # "@" inside a phrase
+    elsewhere = _s("x", "answer." + hack, domain="helpful")
+    assert not det.flags(elsewhere) and PhraseDetector(phrase).flags(elsewhere)
+    assert [s.domain for s in in_scope(det, late)] == ["harmless"] * 8
+    pattern = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2)
+    assert pattern.detected and (pattern.rate_early, pattern.rate_late) == (1 / 8, 3 / 8)
+    assert hack_rate(in_scope(det, late), [det]) == 3 / 8
+
+
 def test_pattern_needs_rise_and_over_reward():
     det = PhraseDetector(("trust", "me"))
     early = [_s(str(i), "plain answer", "early", rm=0.0) for i in range(10)]
@@ -76,6 +104,18 @@ def test_slow_path_candidates_cover_all_source_pairs():
     combos = {(a.source, b.source) for a, b in cands}
     assert combos == {("sft", "late"), ("early", "late"), ("sft", "early")}
     assert all(a.prompt_id == b.prompt_id for a, b in cands)
+    assert len({a.prompt_id for a, _ in cands}) == 9  # one comparison per prompt first
+
+
+def test_slow_path_candidates_take_every_source_pair_of_a_prompt_when_asked_for_more():
+    samples = {src: [_s(str(i), f"{src} {i}", src) for i in range(4)] for src in ("sft", "early", "late")}
+    samples["early"][0] = _s("0", "sft 0", "early")  # early == sft on prompt 0: that comparison is never offered
+    cands = slow_path_candidates(samples, n=100, seed=3)
+    keys = [(a.prompt_id, a.source, b.source) for a, b in cands]
+    assert len(keys) == len(set(keys)) == 4 * 3 - 1
+    assert ("0", "sft", "early") not in keys
+    assert all(a.response != b.response for a, b in cands)
+    assert slow_path_candidates(samples, n=5, seed=3) == cands[:5]
 
 
 def test_hack_rate():
