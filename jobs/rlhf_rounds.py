@@ -361,10 +361,13 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
         patterns.append({**dataclasses.asdict(pat), "kind": "mined" if isinstance(det, PhraseDetector) else "static",
                          "contrast_prompts": n_contrast, "pairs": len(pairs),
                          "short": pat.detected and len(pairs) < cfg.pairs_per_pattern_min})
+    # The static detectors' flags, plus confirmed patterns: a mined phrase that rose but failed the over-reward check
+    # is a candidate, not a hack (per-domain mining on 8 samples turns up several such phrases a round).
+    counted = [det for det, pat in found if pat.detected or not isinstance(det, PhraseDetector)]
     return {
         "patterns": patterns, "fast_rows": list(rows.values()), "extra_samples": extra, "extra_tries": tries,
-        "hack_rate_early": hack_rate(samples["early"], detectors),
-        "hack_rate_late": hack_rate(samples["late"], detectors),
+        "hack_rate_early": hack_rate(samples["early"], counted),
+        "hack_rate_late": hack_rate(samples["late"], counted),
     }
 
 
