@@ -5,8 +5,10 @@ Everything is deterministic from seeds and needs no download. Domains:
   harmless  refuse requests to harm someone, answer the rest (meta["unsafe"])
   code      tiny Python functions, checked by running them
   math      one-digit sums with exact answers (the verifiable domain)
-  concise   the how-to prompts again; prefers the short correct answer
-  detailed  the how-to prompts again; prefers the explained answer (conflicts with concise)
+  concise   how-to prompts asking for brevity ("Briefly, ..."); prefers the short correct answer
+  detailed  how-to prompts asking for reasons ("... Explain why."); prefers the explained answer
+            (the RM's pairs of both also use the plain wording, where they conflict: only the RM's system prompt
+            can decide; see howto.py)
 """
 from data.world.core import Prompt
 from data.world.labelers import (

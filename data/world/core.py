@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HELDOUT_FRACTION = 0.2  # share of each domain's prompt *keys* reserved for evaluation
+# Who a domain's prompts are drawn for: "policy" (what users send the model: SFT chats, RLHF and held-out prompts),
+# "pairs" (the RM's preference pairs) and "conflict" (pairs whose text alone cannot decide, see howto.py).
+POOLS = ("policy", "pairs", "conflict")
 
 
 @dataclass(frozen=True)
@@ -58,21 +61,28 @@ class Domain:
         return max(self.sft_mix, key=self.sft_mix.get)
 
     def __init__(self) -> None:
-        self._cache: dict[str, list[Prompt]] = {}
+        self._cache: dict[tuple[str, str], list[Prompt]] = {}
 
     def _universe(self) -> list[Prompt]:
         raise NotImplementedError
 
-    def universe(self, split: str) -> list[Prompt]:
+    def in_pool(self, prompt: Prompt, pool: str) -> bool:
+        """Whether `prompt` is drawn for `pool` (one of POOLS); every prompt is in every pool unless a domain says."""
+        return True
+
+    def universe(self, split: str, pool: str = "pairs") -> list[Prompt]:
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        if split not in self._cache:
-            self._cache[split] = [p for p in self._universe() if split_of(p.meta["key"]) == split]
-        return self._cache[split]
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if (split, pool) not in self._cache:
+            self._cache[split, pool] = [p for p in self._universe()
+                                        if split_of(p.meta["key"]) == split and self.in_pool(p, pool)]
+        return self._cache[split, pool]
 
-    def sample_prompts(self, n: int, rng: random.Random, split: str) -> list[Prompt]:
+    def sample_prompts(self, n: int, rng: random.Random, split: str, pool: str = "policy") -> list[Prompt]:
         """n prompts: passes over the shuffled universe, repeating only when n exceeds its size."""
-        pool = self.universe(split)
+        pool = self.universe(split, pool)
         out: list[Prompt] = []
         while len(out) < n:
             order = pool[:]

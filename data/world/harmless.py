@@ -53,9 +53,9 @@ class HarmlessDomain(Domain):
             out.append(p)
         return out
 
-    def sample_prompts(self, n: int, rng: random.Random, split: str) -> list[Prompt]:
+    def sample_prompts(self, n: int, rng: random.Random, split: str, pool: str = "policy") -> list[Prompt]:
         by_kind: dict[str, list[Prompt]] = {}
-        for p in self.universe(split):
+        for p in self.universe(split, pool):
             by_kind.setdefault(p.meta["kind"], []).append(p)
         kinds = [k for k, _ in MIX]
         weights = [w for _, w in MIX]

@@ -4,8 +4,14 @@ helpful  : the right instruction for this verb and object; one supporting senten
 concise  : the right instruction in as few words as possible (length costs).
 detailed : the right instruction plus its explanation (each distinct, relevant sentence counts).
 
-concise and detailed see the *same prompts*, so on (short correct, detailed correct) they disagree: that is
-the conflict a conditional RM resolves with its system prompt and an unconditioned one cannot.
+Users who want a short or an explained answer say so ("Briefly, how do I clean a cup?", "How do I clean a cup?
+Explain why."): those are the concise / detailed prompts the policy sees (SFT chats, RLHF, held-out evaluation),
+and a perfect policy can satisfy every domain. The RM's pairs of both domains also use the plain wording, which
+helpful asks too; on a plain prompt only the RM's system prompt says which answer is wanted, so on (short correct,
+detailed correct) concise and detailed disagree over the same text: the conflict a conditional RM resolves with
+its system prompt and an unconditioned one cannot (the conflict pairs use plain prompts only). An earlier world
+gave concise and detailed only the plain wording: no policy could tell which was wanted, and RLHF settled on the
+long answer the two other domains pay for (docs/design.md, "The demo's model budget").
 
 Off-topic (bad) answers give another verb's instructions about the right object. Reward hacks are never in
 the base pairs, and the oracle stays honest about them: "repetitive" repeats the instruction, "padded" adds
@@ -43,17 +49,26 @@ VERBS: dict[str, tuple[str, str, tuple[str, str]]] = {
 OBJECTS = ("cup", "chair", "lamp", "shoe", "door", "bike", "table", "bag", "desk", "jacket", "pot", "plate")
 TEMPLATES = ("How do I {v} a {o}?", "How should I {v} my {o}?", "What is a good way to {v} a {o}?",
              "Tell me how to {v} a {o}.")
+# The same questions with the user's wish stated: what a concise or detailed user sends the policy.
+ASKING = {
+    "concise": ("Briefly, how do I {v} a {o}?", "How should I {v} my {o}? Keep it short.",
+                "In a few words, what is a good way to {v} a {o}?", "Tell me quickly how to {v} a {o}."),
+    "detailed": ("How do I {v} a {o}? Explain why.", "How should I {v} my {o}, and why?",
+                 "What is a good way to {v} a {o}? Give me the reasons.", "Tell me in detail how to {v} a {o}."),
+}
 UNSURE = ("I don't know. Maybe ask someone else.", "I am not sure about that.")
 FILLER = ("I hope this helps.", "Let me know if you have any other questions.")
 CONCISE_WORDS = 10  # answers up to this many words pay no length cost in `concise`
 
 
 def howto_prompts(domain: str) -> list[Prompt]:
+    """The plain how-to questions, plus (concise, detailed) the same ones stating the wish (meta["asks"])."""
+    templates = [(t, None) for t in TEMPLATES] + [(t, domain) for t in ASKING.get(domain, ())]
     out = []
     for v in VERBS:
         for o in OBJECTS:
-            for t, template in enumerate(TEMPLATES):
-                meta = {"key": f"howto:{v}:{o}", "kind": "howto", "verb": v, "object": o, "unsafe": False}
+            for t, (template, asks) in enumerate(templates):
+                meta = {"key": f"howto:{v}:{o}", "kind": "howto", "verb": v, "object": o, "unsafe": False, "asks": asks}
                 out.append(Prompt(f"{domain}/howto/{v}-{o}/t{t}", domain, user(template.format(v=v, o=o)), meta))
     return out
 
@@ -168,13 +183,23 @@ class HowToDomain(Domain):
             raise ValueError(f"how-to domains are {sorted(self._SCORERS)}, got {name!r}")
         self.name = name
         self.STYLES = _styles()
-        # Demonstrators of uneven quality: mostly the bare instruction, sometimes with one or two reasons, and a fifth
-        # off-topic or unsure. RLHF has wrong answers to remove and a length to settle, which helpful/detailed
-        # (longer) and concise (shorter) pull apart on the same prompts.
-        self.sft_mix = {"short": 0.45, "medium": 0.25, "detailed": 0.1, "off_topic": 0.1, "unsure": 0.1}
+        # Demonstrators of uneven quality: a fifth off-topic or unsure, and a length that only loosely follows what
+        # the user asked for (a stated wish is followed about half the time). RLHF has wrong answers to remove and a
+        # length to settle per request.
+        self.sft_mix = {
+            "helpful": {"short": 0.45, "medium": 0.25, "detailed": 0.1, "off_topic": 0.1, "unsure": 0.1},
+            "concise": {"short": 0.5, "medium": 0.2, "detailed": 0.1, "off_topic": 0.1, "unsure": 0.1},
+            "detailed": {"detailed": 0.35, "medium": 0.25, "short": 0.2, "off_topic": 0.1, "unsure": 0.1},
+        }[name]
 
     def _universe(self) -> list[Prompt]:
         return howto_prompts(self.name)
+
+    def in_pool(self, prompt: Prompt, pool: str) -> bool:
+        # concise/detailed users state their wish; the RM's pairs also use the plain wording; conflicts only that.
+        if self.name == "helpful" or pool == "pairs":
+            return True
+        return (prompt.meta["asks"] is None) == (pool == "conflict")
 
     def score(self, prompt: Prompt, response: str) -> float:
         return self._SCORERS[self.name](prompt.meta, response)

@@ -14,6 +14,7 @@ from data.world.registry import DOMAINS, annotator, get_domain
 
 CONFLICT_DOMAINS = ("concise", "detailed")  # same prompts, opposite preferences on (short, detailed)
 CONFLICT_STYLES = ("short", "detailed")
+HOWTO_DOMAINS = ("helpful", *CONFLICT_DOMAINS)
 
 
 def _rng(*parts) -> random.Random:
@@ -40,7 +41,7 @@ def preference_pairs(domain: str, n: int, seed: int, split: str = "train") -> li
     rng = _rng("pairs", domain, seed, split)
     rows: list[dict] = []
     for _ in range(4):  # a tie drops the pair; top up a few times
-        for prompt in dom.sample_prompts(n - len(rows), rng, split):
+        for prompt in dom.sample_prompts(n - len(rows), rng, split, pool="pairs"):
             styles = dom.styles(prompt)
             good_style, bad_style = rng.choice(styles["good"]), rng.choice(styles["bad"])
             a, b = dom.respond(prompt, good_style, rng), dom.respond(prompt, bad_style, rng)
@@ -63,7 +64,7 @@ def conflict_pairs(n: int, seed: int, split: str = "heldout") -> list[dict]:
     Row k of concise and row k of detailed share `conflict_id`; their chosen/rejected are swapped.
     """
     rng = _rng("conflict", seed, split)
-    base = get_domain(CONFLICT_DOMAINS[0]).sample_prompts(n, rng, split)
+    base = get_domain(CONFLICT_DOMAINS[0]).sample_prompts(n, rng, split, pool="conflict")
     rows = []
     for k, p in enumerate(base):
         texts = {s: get_domain(CONFLICT_DOMAINS[0]).respond(p, s, rng) for s in CONFLICT_STYLES}
@@ -84,14 +85,14 @@ def sft_conversations(n: int, seed: int) -> list[dict]:
     """n single-turn chats `{"messages": [user, assistant]}`, each reply of a style drawn from the domain's
     `sft_mix` (mostly adequate, some better, some wrong: the SFT policy inherits that spread, RLHF narrows it).
 
-    concise/detailed are RM conditions over the how-to prompts that `helpful` already covers, so they are
-    not repeated here.
+    The domains take turns, except that helpful, concise and detailed (all how-to questions: plain, asking for a
+    short answer, asking for reasons) share one turn, so the how-to share of the chats is that of one domain.
     """
     rng = _rng("sft", seed)
-    domains = [d for d in DOMAINS if d not in CONFLICT_DOMAINS]
+    turns = [[d] if d not in HOWTO_DOMAINS else list(HOWTO_DOMAINS) for d in DOMAINS if d not in CONFLICT_DOMAINS]
     rows = []
     for i in range(n):
-        dom = get_domain(domains[i % len(domains)])
+        dom = get_domain(rng.choice(turns[i % len(turns)]))
         prompt = dom.sample_prompts(1, rng, "train")[0]
         style = rng.choices(list(dom.sft_mix), weights=list(dom.sft_mix.values()))[0]
         reply = dom.respond(prompt, style, rng)

@@ -94,6 +94,38 @@ def test_concise_and_detailed_disagree_on_the_same_conflict_pair():
         assert concise["messages"] == detailed["messages"]
         assert (concise["chosen"], concise["rejected"]) == (detailed["rejected"], detailed["chosen"])
         assert len(concise["chosen"]) < len(detailed["chosen"])  # concise keeps the short correct answer
+        # plain wording only: the text does not say which answer is wanted, the RM's system prompt must
+        assert concise["messages"][-1]["content"] in PLAIN_HOWTO
+
+
+PLAIN_HOWTO = {p.text for split in ("train", "heldout") for p in get_domain("helpful").universe(split)}
+
+
+@pytest.mark.parametrize("domain, wish", [("concise", ("Briefly", "short", "few words", "quickly")),
+                                          ("detailed", ("Explain why", "why?", "reasons", "in detail"))])
+def test_concise_and_detailed_users_state_their_wish_and_the_rm_pairs_also_use_plain_wording(domain, wish):
+    for split in ("train", "heldout"):
+        asked = make_prompts(domain, 200, seed=0, split=split)  # what the policy is trained and evaluated on
+        assert all(p.text not in PLAIN_HOWTO and any(w in p.text for w in wish) for p in asked), split
+    texts = [r["messages"][-1]["content"] for r in preference_pairs(domain, 400, seed=0)]
+    plain = sum(t in PLAIN_HOWTO for t in texts) / len(texts)
+    assert 0.35 < plain < 0.65  # half the RM's pairs ask plainly, so only the system prompt can decide those
+
+
+def test_sft_demonstrations_answer_a_stated_wish_more_often_than_not():
+    rows = sft_conversations(3000, seed=0)
+    def replies(domain):
+        prompts = {p.text: p for p in get_domain(domain).universe("train", "policy")}
+        return [(prompts[q], a) for q, a in ((r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows)
+                if q in prompts]
+    concise, detailed, helpful = replies("concise"), replies("detailed"), replies("helpful")
+    assert min(len(concise), len(detailed)) > 150 and len(helpful) > 150
+    words = {name: sum(len(a.split()) for _, a in r) / len(r) for name, r in
+             (("concise", concise), ("detailed", detailed), ("helpful", helpful))}
+    assert words["concise"] < words["helpful"] < words["detailed"]
+    # the mix follows the wish only about half the time: RLHF has a length to settle for each kind of request
+    assert 0.35 < sum(score(p, a) == 1.0 for p, a in concise) / len(concise) < 0.65
+    assert 0.25 < sum(score(p, a) == 1.0 for p, a in detailed) / len(detailed) < 0.45
 
 
 def test_sft_conversations_are_openai_rows_with_good_answers():
