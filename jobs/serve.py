@@ -21,6 +21,7 @@ import pathlib
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,21 +106,29 @@ def smoke_request(base_url: str, cfg: ServeJobConfig, api_key: str) -> dict:
     return r.json()
 
 
-def _wait_for_stop(duration_s: float) -> str:
-    """Block until SIGINT/SIGTERM (or the duration); returns why serving stopped."""
-    def _term(signum, frame):
-        raise KeyboardInterrupt
+class _StopSignals:
+    """SIGINT/SIGTERM set an event instead of raising KeyboardInterrupt: an interrupt that lands inside Ray or Serve
+    code (a remote call, a logger) can be swallowed there and leave the job serving forever, while the event is
+    seen by `wait` whenever it arrived. Restores the previous handlers on exit."""
 
-    previous = signal.signal(signal.SIGTERM, _term)
-    try:
-        deadline = time.monotonic() + duration_s if duration_s else float("inf")
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-        return "duration"
-    except KeyboardInterrupt:
-        return "signal"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; a caller off it stops the job by `duration_s`
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, lambda signum, frame: self.stop.set())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def wait(self, duration_s: float) -> str:
+        """Block until a signal (or the duration); returns why serving stopped."""
+        return "signal" if self.stop.wait(duration_s or None) else "duration"
 
 
 def main(cfg: ServeJobConfig, run: Run) -> dict:
@@ -129,36 +138,44 @@ def main(cfg: ServeJobConfig, run: Run) -> dict:
     init_ray(cfg.cluster)
     from ray import serve
 
-    from serve.app import run_app
-
     if not _serve_running():
         _check_port_free(scfg.host, scfg.port)
     started = time.time()
     summary: dict = {"model_dir": model_dir, "model": scfg.model_name, "engine": scfg.engine}
-    try:
-        base = run_app(scfg)
-        url = f"{base}/v1"
-        print(f"serving: {url}", flush=True)
-        summary.update(url=url, load_seconds=round(time.time() - started, 2))
-        run.logger.log({"serve/load_seconds": summary["load_seconds"]})
-        if cfg.smoke:
-            answer = smoke_request(base, cfg, api_key)
-            reply = answer["choices"][0]["message"]["content"]
-            print(f"smoke: {cfg.smoke_prompt!r} -> {reply!r}", file=sys.stderr, flush=True)
-            summary.update(smoke_prompt=cfg.smoke_prompt, smoke_reply=reply, smoke_usage=answer["usage"],
-                           stopped_by="smoke")
-        else:
-            summary["stopped_by"] = _wait_for_stop(cfg.duration_s)
-        stats = serve.get_app_handle(scfg.app_name).stats.remote().result(timeout_s=30)
-        summary.update(requests_served=stats.get("requests", 0), status_counts={
-            k.removeprefix("status_"): v for k, v in stats.items() if k.startswith("status_")},
-            completion_tokens=stats.get("completion_tokens", 0))
-        run.logger.log({"serve/requests": summary["requests_served"],
-                        "serve/completion_tokens": summary["completion_tokens"]})
-    finally:
-        print("serve: shutting down", file=sys.stderr, flush=True)
-        serve.shutdown()
+    with _StopSignals() as signals:
+        try:
+            summary.update(_serve(cfg, scfg, run, api_key, signals, started))
+        finally:
+            print("serve: shutting down", file=sys.stderr, flush=True)
+            serve.shutdown()
     summary["served_seconds"] = round(time.time() - started, 2)
+    return summary
+
+
+def _serve(cfg: ServeJobConfig, scfg, run: Run, api_key: str, signals: _StopSignals, started: float) -> dict:
+    """Start the app, announce it, then the smoke request or wait for a stop; the app's request counts."""
+    from ray import serve
+
+    from serve.app import run_app
+
+    base = run_app(scfg)
+    url = f"{base}/v1"
+    print(f"serving: {url}", flush=True)
+    summary: dict = {"url": url, "load_seconds": round(time.time() - started, 2)}
+    run.logger.log({"serve/load_seconds": summary["load_seconds"]})
+    if cfg.smoke:
+        answer = smoke_request(base, cfg, api_key)
+        reply = answer["choices"][0]["message"]["content"]
+        print(f"smoke: {cfg.smoke_prompt!r} -> {reply!r}", file=sys.stderr, flush=True)
+        summary.update(smoke_prompt=cfg.smoke_prompt, smoke_reply=reply, smoke_usage=answer["usage"],
+                       stopped_by="smoke")
+    else:
+        summary["stopped_by"] = signals.wait(cfg.duration_s)
+    stats = serve.get_app_handle(scfg.app_name).stats.remote().result(timeout_s=30)
+    summary.update(requests_served=stats.get("requests", 0), status_counts={
+        k.removeprefix("status_"): v for k, v in stats.items() if k.startswith("status_")},
+        completion_tokens=stats.get("completion_tokens", 0))
+    run.logger.log({"serve/requests": summary["requests_served"], "serve/completion_tokens": summary["completion_tokens"]})
     return summary
 
 

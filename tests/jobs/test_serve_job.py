@@ -30,7 +30,13 @@ def test_foreground_server_answers_then_stops_cleanly_on_ctrl_c(ray_cluster, tin
     with err_path.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        first = proc.stdout.readline().strip()  # blocks until the model is loaded and /ready answered
+        # Blocks until the model is loaded and /ready answered. Ray forwards worker and raylet output to the
+        # driver's stdout too (e.g. a previous Serve controller's shutdown notice), so skip lines until ours.
+        first = ""
+        for line in proc.stdout:
+            if line.startswith("serving: "):
+                first = line.strip()
+                break
         if not first:  # the job exited before serving: show why
             proc.wait(timeout=60)
             pytest.fail(f"jobs/serve.py exited with {proc.returncode} before serving; stderr tail:\n"
@@ -41,10 +47,16 @@ def test_foreground_server_answers_then_stops_cleanly_on_ctrl_c(ray_cluster, tin
         assert r.status_code == 200, r.text
         assert r.json()["model"] == Path(tiny_dir).name  # served name defaults to the checkpoint dir name
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("jobs/serve.py still running 120 s after Ctrl-C; stderr tail:\n" + err_path.read_text()[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()
+            from ray import serve
+
+            serve.shutdown()  # the killed job ran Serve in this test's Ray: do not leave it to the next test
     assert proc.returncode == 0
     lines = [line for line in rest.splitlines() if line.strip()]
     assert lines[-1].startswith("summary: ") and not any(line.startswith("serving:") for line in lines)
