@@ -569,6 +569,7 @@ def evaluate_oracle(ctx: Context, name: str) -> dict:
 
     Every answer, with its prompt and score, goes to `heldout_<name>.jsonl` in the run directory (`decoding`:
     sampled | greedy), so a number that moved can be read as the replies that moved it."""
+    from data.io import atomic_write_jsonl
     from data.world import make_prompts
 
     cfg = ctx.cfg
@@ -580,8 +581,6 @@ def evaluate_oracle(ctx: Context, name: str) -> dict:
     rows: list[dict] = []
     out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled, "sampled", rows)
     out["greedy"] = _oracle_means(ctx, prompts, greedy, "greedy", rows)
-    from data.io import atomic_write_jsonl
-
     atomic_write_jsonl(ctx.run.dir / f"heldout_{name}.jsonl", rows)
     return out
 
@@ -593,9 +592,10 @@ def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig, decodin
     by_domain: dict[str, list[float]] = {}
     for p, r in zip(prompts, rollouts):
         text = ctx.codec.decode(r.response_ids)
-        by_domain.setdefault(p.domain, []).append(oracle(p, text))
+        score = oracle(p, text)
+        by_domain.setdefault(p.domain, []).append(score)
         rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
-                     "oracle": by_domain[p.domain][-1]})
+                     "oracle": score})
     means = {d: sum(v) / len(v) for d, v in by_domain.items()}
     return {"mean": sum(means.values()) / len(means), "by_domain": means}
 

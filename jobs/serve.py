@@ -109,7 +109,8 @@ def smoke_request(base_url: str, cfg: ServeJobConfig, api_key: str) -> dict:
 class _StopSignals:
     """SIGINT/SIGTERM set an event instead of raising KeyboardInterrupt: an interrupt that lands inside Ray or Serve
     code (a remote call, a logger) can be swallowed there and leave the job serving forever, while the event is
-    seen by `wait` whenever it arrived. Restores the previous handlers on exit."""
+    seen by `wait` whenever it arrived. A second signal raises KeyboardInterrupt, so a load that hangs can still be
+    interrupted. Restores the previous handlers on exit."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -119,8 +120,13 @@ class _StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may set handlers; a caller off it stops the job by `duration_s`
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, lambda signum, frame: self.stop.set())
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

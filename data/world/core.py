@@ -71,6 +71,7 @@ class Domain:
         return True
 
     def universe(self, split: str, pool: str = "pairs") -> list[Prompt]:
+        """The split's prompts drawn for `pool`; the default, "pairs", is every prompt of every domain."""
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
         if pool not in POOLS:

@@ -12,7 +12,7 @@ import random
 from data.world.core import Prompt
 from data.world.registry import DOMAINS, annotator, get_domain
 
-CONFLICT_DOMAINS = ("concise", "detailed")  # same prompts, opposite preferences on (short, detailed)
+CONFLICT_DOMAINS = ("concise", "detailed")  # on the plain how-to wording: opposite preferences on (short, detailed)
 CONFLICT_STYLES = ("short", "detailed")
 HOWTO_DOMAINS = ("helpful", *CONFLICT_DOMAINS)
 

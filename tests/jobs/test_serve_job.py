@@ -105,3 +105,18 @@ def test_busy_port_and_missing_key_env_fail_before_serving(ray_cluster, tiny_dir
         "serve.api_key_env=COOLRAY_TEST_NOT_SET_ANYWHERE"])
     with pytest.raises(ValueError, match="COOLRAY_TEST_NOT_SET_ANYWHERE"):
         execute("serve", cfg, serve_job.main)
+
+
+def test_first_ctrl_c_asks_the_server_to_stop_and_a_second_one_interrupts():
+    from jobs.serve import _StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with _StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.wait(5) == "signal"  # the first one is a request: the job shuts Serve down and writes summary
+        with pytest.raises(KeyboardInterrupt):  # the second one is for a load or shutdown that does not return
+            os.kill(os.getpid(), signal.SIGINT)
+            signals.stop.wait(5)
+    assert signal.getsignal(signal.SIGINT) is before
+    with _StopSignals() as signals:
+        assert signals.wait(0.2) == "duration"
