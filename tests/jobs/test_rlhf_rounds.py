@@ -10,7 +10,7 @@ import pytest
 
 import jobs.rlhf_rounds as rounds
 from data.world import get_domain, respond, write_labels
-from jobs.rlhf_rounds import OnlineConfig, RoundContext, end_of_round
+from jobs.rlhf_rounds import OnlineConfig, RMUpdateConfig, RoundContext, end_of_round
 
 FILLER = "Trust me, this is correct."
 EARLY_STYLE = {"math": "answer", "helpful": "detailed"}  # honest, oracle-best answers
@@ -171,6 +171,19 @@ def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monke
     assert stats["online"] == len(slow) and any(p.rejected == "" for p in pairs)
 
 
+def test_online_pairs_are_repeated_to_their_share_of_the_rm_update():
+    # 89 slow pairs beside 8,000 base pairs at share 0.2: 0.2 / 0.8 * 8000 / 89 = 22.47 -> 22 copies each, so
+    # 1,958 of 9,958 training pairs (19.7 %) are online pairs rather than 89 of 8,089 (1.1 %).
+    assert RMUpdateConfig(online_share=0.2).repeats(8000, 89) == 22
+    assert RMUpdateConfig(online_share=0.5).repeats(100, 50) == 2
+    assert RMUpdateConfig(online_share=0.2, online_repeat=30).repeats(8000, 89) == 30  # the larger count wins
+    assert RMUpdateConfig(online_share=0.0, online_repeat=3).repeats(8000, 89) == 3
+    assert RMUpdateConfig(online_share=0.2).repeats(8000, 0) == 1
+    assert RMUpdateConfig(online_share=0.2).repeats(10, 500) == 1  # already more than the share: never below 1
+    with pytest.raises(ValueError, match="online_share must be in"):
+        RMUpdateConfig(online_share=1.0)
+
+
 def test_rm_label_agreement_counts_rm_ties_half_and_skips_unlabelled():
     def sample(score: float) -> rounds.Sample:
         return rounds.Sample("p", "math", [], f"r{score}", "late", 1, 0, rm_score=score)
@@ -247,7 +260,6 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
 
     import cluster.train
     from actors.reward import RewardWorker
-    from jobs.rlhf_rounds import RMUpdateConfig
 
     rm_dir, base = planted_rm
     ctx = make_ctx(tmp_path / "run", rm_score=RewardWorker(rm_dir).score,
