@@ -12,9 +12,11 @@ class WorldConfig:
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
     sft_conversations: int = 3000
     train_pairs_per_domain: int = 1000
-    # Per-domain exceptions to train_pairs_per_domain. math pairs are short, and a tiny RM needs more of them to
-    # memorise the 16 sums than it needs for the other domains' cues.
-    train_pairs_override: dict[str, int] = field(default_factory=lambda: {"math": 3000})
+    # Per-domain exceptions to train_pairs_per_domain, for the two domains where the RM must match the reply against
+    # the request rather than read a style cue: a tiny RM needs more math pairs to memorise the 16 sums, and more code
+    # pairs to tie "product" to `*`. With 1,000 code pairs it scored the right and a wrong operator alike (0.49 vs
+    # 0.48) and RLHF could not improve code past 0.77; with 3,000, 1.09 vs -0.72 and code reached 0.96 (design.md).
+    train_pairs_override: dict[str, int] = field(default_factory=lambda: {"math": 4000, "code": 3000})
     heldout_pairs_per_domain: int = 200
     conflict_pairs: int = 200  # each gives one concise and one detailed row
     heldout_prompts_per_domain: int = 40

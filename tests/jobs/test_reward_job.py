@@ -48,6 +48,7 @@ def _job_cfg(tmp_path, tiny_dir, *extra):
     return load_config("reward", RewardJobConfig, [
         f"run.root={tmp_path}", "run.name=rm", "logging.wandb=offline", "logging.progress=false",
         f"model.path={tiny_dir}", "data.world.train_pairs_per_domain=24", "data.world.train_pairs_override.math=24",
+        "data.world.train_pairs_override.code=24",
         "data.world.heldout_pairs_per_domain=8", "data.world.conflict_pairs=6", "eval.style_prompts_per_domain=2",
         "trainer.epochs=1", *extra,
     ])
