@@ -85,6 +85,11 @@ def _unknown_key_message(schema: type, full_key: str) -> str:
     parent, _, leaf = full_key.rpartition(".")
     node = _node_type(schema, parent)
     if node is None:
+        grand, _, name = parent.rpartition(".")
+        holder = _node_type(schema, grand)
+        if holder is not None and typing.get_origin(_field_types(holder).get(name)) is dict:
+            return (f"unknown key '{full_key}': '{parent}' is a mapping without a '{leaf}' entry yet; add one with "
+                    f"'+{full_key}=<value>'")
         return f"unknown key '{full_key}'"
     valid = sorted(f.name for f in dataclasses.fields(node))
     close = difflib.get_close_matches(leaf, valid, n=1)

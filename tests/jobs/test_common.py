@@ -18,6 +18,7 @@ from jobs.common import LoggingConfig, RunConfig
 class _Inner:
     lr: float = 1e-3
     steps: int = 3
+    weights: dict[str, int] = field(default_factory=lambda: {"a": 1})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -40,8 +41,9 @@ def toy_conf(tmp_path, monkeypatch):
 
 
 def test_override_and_yaml_delta(toy_conf):
-    cfg = common.load_config("toy", _ToyJob, ["toy.lr=0.5"])
+    cfg = common.load_config("toy", _ToyJob, ["toy.lr=0.5", "toy.weights.a=3", "+toy.weights.b=2"])
     assert cfg.toy.lr == 0.5 and cfg.toy.steps == 5 and isinstance(cfg, _ToyJob)
+    assert cfg.toy.weights == {"a": 3, "b": 2}
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,7 @@ def test_override_and_yaml_delta(toy_conf):
         ("toy.steps=0", "toy.steps must be >= 1"),
         ("toy.lr=abc", "bad value for 'toy.lr'"),
         ("nope=1", "Valid keys under the top level: cluster, logging, run, toy"),
+        ("toy.weights.b=2", "'toy.weights' is a mapping without a 'b' entry yet; add one with '+toy.weights.b="),
     ],
 )
 def test_bad_config_fails_before_work_naming_the_key(toy_conf, capsys, override, expected):
