@@ -11,7 +11,7 @@ Output rows (Parquet): input_ids list<int32>[seq_len], position_ids list<int32>[
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,17 +41,13 @@ class TokenizerConfig:
 class PackConfig:
     seq_len: int = 256
     tokenize_batch_docs: int = 256  # docs per tokenization call (parallel Ray tasks)
-    rows_per_file: int = 100_000  # packed Parquet: at least this many sequences per file
-    # The packer is one stateful actor (it carries the tail of one batch into the next); it only slices arrays.
-    packer_num_cpus: float = 0.0
+    rows_per_file: int = 100_000  # packed Parquet: this many sequences per file (the last file fewer)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ValueError(f"pack.seq_len must be >= 2 (got {self.seq_len})")
         if self.tokenize_batch_docs < 1 or self.rows_per_file < 1:
             raise ValueError("pack.tokenize_batch_docs and pack.rows_per_file must be >= 1")
-        if self.packer_num_cpus < 0:
-            raise ValueError(f"pack.packer_num_cpus must be >= 0 (got {self.packer_num_cpus})")
 
 
 # ---------------------------------------------------------------------------------------------- tokenize
@@ -88,11 +84,15 @@ def ids_table(docs: Sequence[Sequence[int]]):
     return pa.table({"ids": pa.array(docs, type=pa.list_(pa.int32()))})
 
 
-def tokenize_batch(batch, tokenizer_spec: str):
-    """Ray Data UDF: {"text"} -> {"ids": list<int32>}; tokenizer_spec is the text of a tokenizer.json."""
+def tokenize_batch(batch, tokenizer_spec: str, keep: Sequence[str] = ()):
+    """Ray Data UDF: {"text", *keep} -> {"ids": list<int32>, *keep}; tokenizer_spec is the text of a
+    tokenizer.json, `keep` names columns passed through (the document's rank, so the packer can restore order)."""
     texts = batch["text"]
     texts = texts.to_pylist() if hasattr(texts, "to_pylist") else [str(t) for t in texts]
-    return ids_table(tokenize_texts(texts, tokenizer_from_json(tokenizer_spec)))
+    table = ids_table(tokenize_texts(texts, tokenizer_from_json(tokenizer_spec)))
+    for name in keep:
+        table = table.append_column(name, batch[name])
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- pack
@@ -124,8 +124,8 @@ def _join_with_eos(values: np.ndarray, offsets: np.ndarray, eos_id: int) -> tupl
 class SequencePacker:
     """Concatenate docs (each + EOS) and cut blocks of exactly seq_len; the tail waits for the next batch.
 
-    Fed in order by a single Ray Data actor, so only the final tail of the whole corpus (< seq_len tokens)
-    is dropped. Tokens packed so far: `tokens_in`; emitted: `blocks * seq_len`.
+    Fed in document order by one consumer (`pack_in_rank_order`), so only the final tail of the whole corpus
+    (< seq_len tokens) is dropped. Tokens packed so far: `tokens_in`; emitted: `blocks * seq_len`.
     """
 
     def __init__(self, seq_len: int, eos_id: int):
@@ -149,19 +149,47 @@ class SequencePacker:
         blocks = ids[:cut].reshape(n, self.seq_len)
         return blocks, block_position_ids(starts[:cut].reshape(n, self.seq_len))
 
+    def add_arrays(self, docs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Add docs given as int arrays (no per-token Python loop)."""
+        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+        values = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
+        return self.add_flat(values, offsets)
+
     def add(self, docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         lengths = [len(d) for d in docs]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         values = np.fromiter((t for d in docs for t in d), dtype=np.int32, count=int(offsets[-1]))
         return self.add_flat(values, offsets)
 
-    def __call__(self, batch):
-        """Ray Data UDF (batch_format="pyarrow"): {"ids": list<int>} -> {"input_ids", "position_ids"}."""
+
+def pack_in_rank_order(batches: Iterable, total: int,
+                       packer: SequencePacker) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Pack documents 0..total-1 in rank order, whatever order their batches arrive in.
+
+    batches: pyarrow tables {"rank": int64, "ids": list<int32>}, in any order and any split (Ray Data does not
+    promise order, and once delivered a small block before the ones it followed). A document waits in a buffer
+    until every lower rank has been packed, so the packed rows depend only on the documents and their ranks.
+    Yields (input_ids, position_ids) arrays as `SequencePacker.add_flat` does."""
+    pending: dict[int, np.ndarray] = {}
+    next_rank = 0
+    for batch in batches:
         col = batch.column("ids").combine_chunks()
         offsets = col.offsets.to_numpy()
-        values = col.values.to_numpy()[offsets[0] : offsets[-1]]
-        blocks, positions = self.add_flat(values, offsets - offsets[0])
-        return packed_table(blocks, positions)
+        values = col.values.to_numpy()
+        for i, rank in enumerate(batch.column("rank").to_numpy()):
+            if rank in pending or not 0 <= rank < total or rank < next_rank:
+                raise ValueError(f"document rank {rank} is out of range or repeated (expected ranks 0..{total - 1}, "
+                                 "each once)")
+            pending[int(rank)] = values[offsets[i] : offsets[i + 1]]
+        run = []
+        while next_rank in pending:
+            run.append(pending.pop(next_rank))
+            next_rank += 1
+        if run:
+            yield packer.add_arrays(run)
+    if next_rank != total:
+        raise ValueError(f"packing stopped at document {next_rank} of {total}: {len(pending)} documents arrived "
+                         "without the ones before them")
 
 
 def packed_table(blocks: np.ndarray, positions: np.ndarray):

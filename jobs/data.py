@@ -65,6 +65,8 @@ from data.pretrain_pack import (  # noqa: E402
     SequencePacker,
     TokenizerConfig,
     iter_parquet_texts,
+    pack_in_rank_order,
+    packed_table,
     parquet_num_rows,
     tokenize_batch,
     tokenizer_json,
@@ -221,17 +223,61 @@ def prepare_tokenizer(cfg: TokenizerConfig, clean_dir: Path, docs_out: int, out_
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 
-def packed_dataset(clean, tokenizer_dir: Path, eos_id: int, cfg: PackConfig):
-    """Tokenize in parallel tasks, then one ordered packer actor cuts seq_len blocks (only the corpus' final
-    tail of < seq_len tokens is lost, not one tail per batch)."""
-    ds = clean.select_columns(["text"]).map_batches(
+def document_ranks(clean, files: list[tuple[str, str]], cfg: CorpusConfig) -> tuple[dict[tuple[str, int], int], int]:
+    """(source, line) -> the document's place in the corpus order, and the number of documents.
+
+    The order is the pipeline's own, computed from the documents rather than from the order Ray delivered them
+    in: newest first (date, then id) when dedup keeps the most recent doc, which sorted them; else input order
+    (file, then line). Only these small key columns come to the driver."""
+    keys = clean.select_columns(["id", "date", "source", "line"]).to_pandas()
+    if (cfg.dedup.exact.enabled or cfg.dedup.near.enabled) and cfg.dedup.keep == "most_recent":
+        keys = keys.sort_values(["date", "id"], ascending=[False, True], kind="stable")
+    else:
+        file_index = {path: i for i, (path, _) in enumerate(files)}
+        keys = keys.assign(file=keys["source"].map(file_index)).sort_values(["file", "line"], kind="stable")
+    pairs = list(zip(keys["source"].tolist(), keys["line"].tolist()))
+    ranks = {pair: rank for rank, pair in enumerate(pairs)}
+    if len(ranks) != len(pairs):
+        raise ValueError("two cleaned documents share a (source, line); the packer cannot order them")
+    return ranks, len(pairs)
+
+
+def pack_corpus(clean, ranks: dict[tuple[str, int], int], total: int, tokenizer_dir: Path, eos_id: int,
+                cfg: PackConfig, out_dir: Path) -> Path:
+    """Tokenize in parallel Ray tasks, then pack in this process in corpus order (`pack_in_rank_order`: the rows
+    do not depend on which task finished first) and write `rows_per_file` rows per Parquet file."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenized = clean.select_columns(["text", "source", "line"]).map_batches(
         tokenize_batch, batch_size=cfg.tokenize_batch_docs, batch_format="pyarrow",
-        fn_kwargs={"tokenizer_spec": tokenizer_json(tokenizer_dir)},
+        fn_kwargs={"tokenizer_spec": tokenizer_json(tokenizer_dir), "keep": ["source", "line"]},
     )
-    return ds.map_batches(
-        SequencePacker, fn_constructor_kwargs={"seq_len": cfg.seq_len, "eos_id": eos_id}, concurrency=1,
-        batch_format="pyarrow", num_cpus=cfg.packer_num_cpus,
-    )
+
+    def ranked():
+        for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
+            keys = zip(batch.column("source").to_pylist(), batch.column("line").to_pylist())
+            yield pa.table({"rank": pa.array([ranks[k] for k in keys], pa.int64()), "ids": batch.column("ids")})
+
+    with atomic_dir(out_dir) as tmp:
+        parts, pending, count = 0, [], 0
+
+        def flush() -> None:
+            nonlocal parts, pending, count
+            pq.write_table(pa.concat_tables(pending), tmp / f"part-{parts:05d}.parquet")
+            parts, pending, count = parts + 1, [], 0
+
+        for blocks, positions in pack_in_rank_order(ranked(), total, SequencePacker(cfg.seq_len, eos_id)):
+            pending.append(packed_table(blocks, positions))
+            count += len(blocks)
+            if count >= cfg.rows_per_file:
+                flush()
+        if pending or parts == 0:  # a corpus shorter than one row still gets its (empty) file
+            empty = np.zeros((0, cfg.seq_len), np.int32)
+            pending = pending or [packed_table(empty, empty)]
+            flush()
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -259,8 +305,8 @@ def main(cfg: DataJobConfig, run: Run) -> dict:
         tokenizer_dir = run.dir / "tokenizer"
         tok = prepare_tokenizer(cfg.tokenizer, clean_dir, report["docs_out"], tokenizer_dir, cfg.logging.progress)
         tokenizer_seconds = time.time() - started
-        packed_dir = write_parquet_dir(packed_dataset(clean, tokenizer_dir, tok.eos_token_id, cfg.pack),
-                                       run.dir / "packed", cfg.pack.rows_per_file)
+        ranks, total = document_ranks(clean, files, corpus_cfg)
+        packed_dir = pack_corpus(clean, ranks, total, tokenizer_dir, tok.eos_token_id, cfg.pack, run.dir / "packed")
         pack_seconds = time.time() - started - tokenizer_seconds
     num_sequences = parquet_num_rows(packed_dir)
     docs_per_second = report["docs_in"] / max(corpus_seconds, 1e-9)

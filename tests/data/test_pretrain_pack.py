@@ -13,6 +13,7 @@ from data.pretrain_pack import (
     TokenizerConfig,
     block_position_ids,
     ids_table,
+    pack_in_rank_order,
     tokenize_batch,
     tokenize_texts,
     tokenizer_from_json,
@@ -59,14 +60,24 @@ def test_packing_does_not_depend_on_batching():
     assert flat.tolist() == stream[: len(flat)]
 
 
-def test_packer_as_arrow_udf():
-    table = ids_table([[5, 6, 7], [8], [9, 10, 11, 12]])  # stream 5 6 7 0 8 0 9 10 11 12 0 -> 2 blocks of 5
-    out = SequencePacker(5, EOS)(table.slice(1, 2))  # a sliced batch: offsets do not start at 0
-    assert out.column_names == ["input_ids", "position_ids"]
-    assert out.schema.field("input_ids").type == pa.list_(pa.int32())
-    # stream of the slice: 8 0 9 10 11 | 12 0 (tail)
-    assert out.column("input_ids").to_pylist() == [[8, 0, 9, 10, 11]]
-    assert out.column("position_ids").to_pylist() == [[0, 1, 0, 1, 2]]
+def test_packing_follows_document_rank_not_arrival_order():
+    # Ranks 0..5 arrive as [3 4] [0] [5 1 2]: the first batch waits; doc 0 is packed on the second (4 tokens with
+    # its EOS, no full row yet); the third brings 1 and 2, so 1..5 go in. The rows are those of rank order.
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14], [15], [16, 17, 18]]
+
+    def batch(ranks):
+        return pa.table({"rank": pa.array(ranks, pa.int64()), "ids": ids_table([docs[r] for r in ranks]).column("ids")})
+
+    out = list(pack_in_rank_order([batch([3, 4]), batch([0]), batch([5, 1, 2])], 6, SequencePacker(5, EOS)))
+    # stream 5 6 7 0 | 8 0 9 10 11 12 0 13 14 0 15 0 | 16 17 18 0 -> rows of 5, tail [0]
+    assert [len(b) for b, _ in out] == [0, 4]
+    rows = np.concatenate([b for b, _ in out]).tolist()
+    assert rows == [[5, 6, 7, 0, 8], [0, 9, 10, 11, 12], [0, 13, 14, 0, 15], [0, 16, 17, 18, 0]]
+    assert rows == SequencePacker(5, EOS).add(docs)[0].tolist()
+    with pytest.raises(ValueError, match="packing stopped at document 1 of 6"):
+        list(pack_in_rank_order([batch([0, 2])], 6, SequencePacker(5, EOS)))
+    with pytest.raises(ValueError, match="rank 0 is out of range or repeated"):
+        list(pack_in_rank_order([batch([0]), batch([0])], 6, SequencePacker(5, EOS)))
 
 
 def test_tokenize_matches_hf_tokenizer_and_round_trips(tmp_path):
@@ -89,7 +100,6 @@ def test_tokenize_matches_hf_tokenizer_and_round_trips(tmp_path):
     "build, key",
     [
         (lambda: PackConfig(seq_len=1), "pack.seq_len"),
-        (lambda: PackConfig(packer_num_cpus=-1), "pack.packer_num_cpus"),
         (lambda: TokenizerConfig(vocab_size=100), "tokenizer.vocab_size"),
     ],
 )

@@ -134,3 +134,27 @@ def test_on_error_skip_counts_malformed_rows(ray_cluster, tmp_path):
                          "or set input.text_field to the key holding the text"
     assert s["docs_out"] > 0 and s["num_sequences"] > 0
     assert all(len(r["input_ids"]) == 64 for r in _read_dir(s["packed_dir"]))
+
+
+def test_corpus_order_comes_from_the_documents_not_from_ray(ray_cluster):
+    """The packer's order is computed from each document's keys, so Ray delivering blocks in another order (as it
+    once did in a demo) cannot change the packed rows: newest first when dedup keeps the most recent doc, else
+    file then line."""
+    import ray
+
+    from data.corpus import CorpusConfig
+    from jobs.data import document_ranks
+
+    rows = [{"id": "b", "date": "2024-01-02", "source": "/in/1.jsonl", "line": 1},
+            {"id": "a", "date": "2024-01-02", "source": "/in/0.jsonl", "line": 7},
+            {"id": "c", "date": "2024-03-01", "source": "/in/0.jsonl", "line": 2},
+            {"id": "d", "date": "2023-12-31", "source": "/in/1.jsonl", "line": 0}]
+    shuffled = ray.data.from_items([rows[i] for i in (3, 0, 2, 1)])
+    files = [("/in/0.jsonl", "jsonl"), ("/in/1.jsonl", "jsonl")]
+    ranks, total = document_ranks(shuffled, files, CorpusConfig())
+    assert total == 4 and sorted(ranks, key=ranks.get) == [
+        ("/in/0.jsonl", 2), ("/in/0.jsonl", 7), ("/in/1.jsonl", 1), ("/in/1.jsonl", 0)]  # c, then a before b, d
+    first = load_config("data", DataJobConfig, ["corpus.dedup.keep=first"]).corpus
+    ranks, _ = document_ranks(shuffled, files, first)
+    assert sorted(ranks, key=ranks.get) == [("/in/0.jsonl", 2), ("/in/0.jsonl", 7), ("/in/1.jsonl", 0),
+                                            ("/in/1.jsonl", 1)]
