@@ -41,7 +41,7 @@ class TokenizerConfig:
 class PackConfig:
     seq_len: int = 256
     tokenize_batch_docs: int = 256  # docs per tokenization call (parallel Ray tasks)
-    rows_per_file: int = 100_000  # packed Parquet: this many sequences per file (the last file fewer)
+    rows_per_file: int = 100_000  # packed Parquet: at least this many sequences per file (the last one fewer)
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -86,7 +86,7 @@ def ids_table(docs: Sequence[Sequence[int]]):
 
 def tokenize_batch(batch, tokenizer_spec: str, keep: Sequence[str] = ()):
     """Ray Data UDF: {"text", *keep} -> {"ids": list<int32>, *keep}; tokenizer_spec is the text of a
-    tokenizer.json, `keep` names columns passed through (the document's rank, so the packer can restore order)."""
+    tokenizer.json, `keep` names columns passed through (a document's keys, so the packer can restore its order)."""
     texts = batch["text"]
     texts = texts.to_pylist() if hasattr(texts, "to_pylist") else [str(t) for t in texts]
     table = ids_table(tokenize_texts(texts, tokenizer_from_json(tokenizer_spec)))
@@ -149,16 +149,11 @@ class SequencePacker:
         blocks = ids[:cut].reshape(n, self.seq_len)
         return blocks, block_position_ids(starts[:cut].reshape(n, self.seq_len))
 
-    def add_arrays(self, docs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Add docs given as int arrays (no per-token Python loop)."""
-        offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-        values = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
-        return self.add_flat(values, offsets)
-
     def add(self, docs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        lengths = [len(d) for d in docs]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        values = np.fromiter((t for d in docs for t in d), dtype=np.int32, count=int(offsets[-1]))
+        """Add docs given as token lists or int arrays (arrays are not copied token by token)."""
+        arrays = [np.asarray(d, dtype=np.int32) for d in docs]
+        offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
         return self.add_flat(values, offsets)
 
 
@@ -186,7 +181,7 @@ def pack_in_rank_order(batches: Iterable, total: int,
             run.append(pending.pop(next_rank))
             next_rank += 1
         if run:
-            yield packer.add_arrays(run)
+            yield packer.add(run)
     if next_rank != total:
         raise ValueError(f"packing stopped at document {next_rank} of {total}: {len(pending)} documents arrived "
                          "without the ones before them")

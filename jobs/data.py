@@ -261,22 +261,15 @@ def pack_corpus(clean, ranks: dict[tuple[str, int], int], total: int, tokenizer_
             yield pa.table({"rank": pa.array([ranks[k] for k in keys], pa.int64()), "ids": batch.column("ids")})
 
     with atomic_dir(out_dir) as tmp:
-        parts, pending, count = 0, [], 0
-
-        def flush() -> None:
-            nonlocal parts, pending, count
-            pq.write_table(pa.concat_tables(pending), tmp / f"part-{parts:05d}.parquet")
-            parts, pending, count = parts + 1, [], 0
-
+        tables, parts = [], 0
         for blocks, positions in pack_in_rank_order(ranked(), total, SequencePacker(cfg.seq_len, eos_id)):
-            pending.append(packed_table(blocks, positions))
-            count += len(blocks)
-            if count >= cfg.rows_per_file:
-                flush()
-        if pending or parts == 0:  # a corpus shorter than one row still gets its (empty) file
+            tables.append(packed_table(blocks, positions))
+            if sum(t.num_rows for t in tables) >= cfg.rows_per_file:
+                pq.write_table(pa.concat_tables(tables), tmp / f"part-{parts:05d}.parquet")
+                tables, parts = [], parts + 1
+        if tables or parts == 0:  # the rest; a corpus shorter than one row still gets its (empty) file
             empty = np.zeros((0, cfg.seq_len), np.int32)
-            pending = pending or [packed_table(empty, empty)]
-            flush()
+            pq.write_table(pa.concat_tables(tables or [packed_table(empty, empty)]), tmp / f"part-{parts:05d}.parquet")
     return out_dir
 
 

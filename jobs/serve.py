@@ -181,7 +181,8 @@ def _serve(cfg: ServeJobConfig, scfg, run: Run, api_key: str, signals: _StopSign
     summary.update(requests_served=stats.get("requests", 0), status_counts={
         k.removeprefix("status_"): v for k, v in stats.items() if k.startswith("status_")},
         completion_tokens=stats.get("completion_tokens", 0))
-    run.logger.log({"serve/requests": summary["requests_served"], "serve/completion_tokens": summary["completion_tokens"]})
+    run.logger.log({"serve/requests": summary["requests_served"],
+                    "serve/completion_tokens": summary["completion_tokens"]})
     return summary
 
 
