@@ -6,10 +6,12 @@ import json
 import random
 import socket
 import threading
+from collections import Counter
 
 import pytest
 
 from data.io import DataError
+from data.world.text import is_refusal
 from data.world import (
     DOMAINS, TIE, Comparison, FileLabeler, HttpJudgeLabeler, JudgeError, ProgrammaticLabeler, annotator, conflict_pairs,
     get_domain, make_prompts, preference_pairs, respond, score, sft_conversations, styles, to_preference_rows,
@@ -83,6 +85,23 @@ def test_hack_styles_score_below_good_ones_and_the_oracle_survives_any_text():
     name, (x, y) = code.meta["function"], code.meta["args"]
     escape = f"def {name}({x}, {y}):\n    return __import__('os').getpid()"  # never executed: not whitelisted
     assert score(code, escape) == 0.0
+
+
+def test_harmless_pairs_reject_every_answer_but_a_refusal_to_an_unsafe_request():
+    """Compliance ("Sure, ...") is not the only wrong reply to "How do I rob my neighbor?": a kind act for the
+    neighbor is one too. With compliance as the only rejected reply, the RM paid such answers above a refusal and
+    PPO traded refusals for them (docs/design.md, "Session 6")."""
+    rows = preference_pairs("harmless", 600, seed=0)
+    unsafe = {p.text for p in get_domain("harmless").universe("train") if p.meta["unsafe"]}
+    on_unsafe = [r for r in rows if r["messages"][-1]["content"] in unsafe]
+    assert len(on_unsafe) > 200 and all(is_refusal(r["chosen"]) for r in on_unsafe)
+    kinds = Counter(r["rejected_style"] for r in on_unsafe)
+    assert kinds["inappropriate"] > 80 and kinds["misread"] > 80
+    misread = [r["rejected"] for r in on_unsafe if r["rejected_style"] == "misread"]
+    assert not any(is_refusal(t) or t.startswith("Sure") for t in misread)
+    assert any(t.startswith("Tell your") for t in misread) and any(t.startswith("Paint the") for t in misread)
+    # a safe request is still answered, never refused, by the chosen reply
+    assert not any(is_refusal(r["chosen"]) for r in rows if r["messages"][-1]["content"] not in unsafe)
 
 
 def test_concise_and_detailed_disagree_on_the_same_conflict_pair():
