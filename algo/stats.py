@@ -73,6 +73,9 @@ class RewardNormConfig:
     clip_min: float | None = -5.0  # None: no lower clip
     clip_max: float | None = 5.0  # None: no upper clip
     normalize: bool = True  # subtract the running mean, divide by the running std
+    # Keep the running statistics per domain (the RM's condition) instead of over all scores: a conditional RM's
+    # system prompts put scores on different scales (one demo round: domain means -0.5 to +3.3, stds 0.7 to 2.3).
+    per_domain: bool = False
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
@@ -98,28 +101,69 @@ def compute_normalized_scores(scores: torch.Tensor, mean: float, std: float, eps
     return (scores - mean) / (std + eps)
 
 
+def paired_gain_se(before: dict[str, list[float]], after: dict[str, list[float]]) -> float | None:
+    """Standard error of a gain averaged over domains with equal weight, mean_d(mean(after_d) - mean(before_d)),
+    where after_d[i] and before_d[i] score the same unit (a held-out prompt, same sampling seeds). None when a
+    domain has fewer than two units. It measures the evaluation's noise (which prompts, which samples), not the
+    training run's: another seed of the whole run varies more.
+
+        se = sqrt(sum_d s_d^2 / n_d) / D,   s_d^2 the sample variance (n - 1) of domain d's n_d differences
+    """
+    if set(before) != set(after) or any(len(before[d]) != len(after[d]) for d in before):
+        raise ValueError("paired_gain_se needs the same domains and the same number of units before and after")
+    total = 0.0
+    for d in before:
+        diffs = [a - b for a, b in zip(after[d], before[d])]
+        n = len(diffs)
+        if n < 2:
+            return None
+        mean = sum(diffs) / n
+        total += sum((x - mean) ** 2 for x in diffs) / (n - 1) / n
+    return total ** 0.5 / len(before) if before else None
+
+
 class RewardNormalizer:
     """Clip, update the running statistics with the batch, normalise; checkpoint it with `state_dict`.
 
     The batch is added before normalising (as XTuner does), so the very first batch is standardised by its own
     statistics, and a single first sample maps to 0 (sigma = 0, the eps keeps it finite).
     Call it once per rollout batch with the scores of all ranks, so every rank sees the same statistics.
+
+    With `per_domain`, each score is standardised by the running statistics of its own domain only (`domains[i]`
+    names score i's); `stats` still sees every score. Without it, between-domain offsets inflate sigma and shrink
+    the within-domain differences PPO learns from, and a domain the RM scores on a wide scale dominates the update.
     """
 
     def __init__(self, cfg: RewardNormConfig):
         self.cfg = cfg
         self.stats = RunningMeanStd()
+        self.domain_stats: dict[str, RunningMeanStd] = {}
 
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        """`scores`: raw RM scores `[B]` -> rewards `[B]`."""
+    def __call__(self, scores: torch.Tensor, domains: list[str] | None = None) -> torch.Tensor:
+        """`scores`: raw RM scores `[B]` -> rewards `[B]`; `domains`: B domain names (needed with `per_domain`)."""
         clipped = compute_clipped_scores(scores, self.cfg.clip_min, self.cfg.clip_max)
         if not self.cfg.normalize:
             return clipped
         self.stats.update(clipped)
-        return compute_normalized_scores(clipped, self.stats.mean, self.stats.std, self.cfg.eps)
+        if not self.cfg.per_domain:
+            return compute_normalized_scores(clipped, self.stats.mean, self.stats.std, self.cfg.eps)
+        if domains is None or len(domains) != len(clipped):
+            got = "none" if domains is None else len(domains)
+            raise ValueError(f"reward_norm.per_domain needs one domain per score: {len(clipped)} scores, {got} domains")
+        out = torch.empty_like(clipped)
+        for domain in dict.fromkeys(domains):
+            idx = torch.tensor([i for i, d in enumerate(domains) if d == domain])
+            stats = self.domain_stats.setdefault(domain, RunningMeanStd())
+            stats.update(clipped[idx])
+            out[idx] = compute_normalized_scores(clipped[idx], stats.mean, stats.std, self.cfg.eps)
+        return out
 
-    def state_dict(self) -> dict[str, float]:
-        return self.stats.state_dict()
+    def state_dict(self) -> dict:
+        return {**self.stats.state_dict(), "domains": {d: s.state_dict() for d, s in self.domain_stats.items()}}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.stats.load_state_dict(state)
+        self.domain_stats = {}
+        for domain, sub in state.get("domains", {}).items():
+            self.domain_stats[domain] = RunningMeanStd()
+            self.domain_stats[domain].load_state_dict(sub)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from algo.stats import RewardNormalizer, RewardNormConfig, RunningMeanStd
+from algo.stats import RewardNormalizer, RewardNormConfig, RunningMeanStd, paired_gain_se
 
 
 def _stats_of(values) -> RunningMeanStd:
@@ -93,3 +93,43 @@ def test_reward_norm_config_validation():
         RewardNormConfig(clip_min=5.0, clip_max=-5.0)
     with pytest.raises(ValueError, match="eps"):
         RewardNormConfig(eps=-1.0)
+
+
+def test_per_domain_normalizer_standardises_each_domain_by_its_own_history():
+    normalizer = RewardNormalizer(RewardNormConfig(per_domain=True))
+    # a: 1, 3 -> mean 2, std 1 -> -1, 1;  b: -2, 4 -> mean 1, std 3 -> -1, 1
+    got = normalizer(torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.float64), ["a", "b", "a", "b"])
+    assert got.tolist() == pytest.approx([-1.0, -1.0, 1.0, 1.0], abs=1e-7)
+    # a now holds 1, 3, 5: mean 3, population var 8/3 -> (5 - 3) / sqrt(8/3) = sqrt(3/2); a 9 clips to 5 first
+    got = normalizer(torch.tensor([9.0], dtype=torch.float64), ["a"])
+    assert got.item() == pytest.approx(1.5 ** 0.5, abs=1e-7)
+    assert normalizer.domain_stats["b"].count == 2 and normalizer.stats.count == 5  # stats still sees every score
+    # the same scores pooled would be standardised by the pooled mean 1.5 and std sqrt(21/4): not what we got
+    pooled = RewardNormalizer(RewardNormConfig())(torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.float64))
+    assert pooled[0].item() == pytest.approx(-0.5 / 5.25 ** 0.5)
+    with pytest.raises(ValueError, match="one domain per score"):
+        normalizer(torch.tensor([1.0, 2.0]), ["a"])
+
+
+def test_per_domain_state_round_trip_and_old_checkpoints_load():
+    cfg = RewardNormConfig(per_domain=True)
+    first = RewardNormalizer(cfg)
+    first(torch.tensor([1.0, 2.0, 4.0, -1.0]), ["x", "y", "x", "y"])
+    resumed = RewardNormalizer(cfg)
+    resumed.load_state_dict(first.state_dict())
+    nxt, doms = torch.tensor([0.0, 3.0, 2.5]), ["y", "x", "z"]
+    torch.testing.assert_close(resumed(nxt, doms), first(nxt, doms))
+    legacy = RewardNormalizer(RewardNormConfig())  # a checkpoint written before per-domain statistics existed
+    legacy.load_state_dict({"count": 3, "mean": 1.0, "m2": 2.0})
+    assert legacy.stats.count == 3 and legacy.domain_stats == {}
+
+
+def test_paired_gain_se_on_hand_derived_values():
+    before = {"a": [0.0, 1.0], "b": [1.0, 1.0, 0.0]}
+    after = {"a": [1.0, 1.0], "b": [1.0, 0.0, 0.0]}
+    # a: diffs 1, 0 -> s^2 = 0.5, /2 = 0.25;  b: diffs 0, -1, 0 -> mean -1/3, s^2 = (1/9 + 4/9 + 1/9) / 2 = 1/3, /3
+    assert paired_gain_se(before, after) == pytest.approx((0.25 + 1 / 9) ** 0.5 / 2)
+    assert paired_gain_se({"a": [0.2, 0.4]}, {"a": [0.7, 0.9]}) == pytest.approx(0.0)  # the same gain on every prompt
+    assert paired_gain_se({"a": [0.0]}, {"a": [1.0]}) is None  # one prompt: no variance to estimate
+    with pytest.raises(ValueError, match="same domains"):
+        paired_gain_se(before, {"a": [1.0, 1.0]})
