@@ -18,9 +18,9 @@ round's "early" snapshot, the policy at its end the "late" one; `jobs.rlhf_round
 hacks (fast path), labels SFT/early/late comparisons (slow path), and updates the RM, which the reward role reloads.
 
 Deliberate choices and deviations from the report [R §4.2.3], all configurable:
-- Scale: the defaults are sized for the tiny world on 2 CPU cores (B=36 prompts, 24 new tokens, actor LR 5e-5,
-  critic LR 5e-4, 2 critic warm-up iterations, 3 rounds x 8 iterations). The report's scale (LR 1e-6 / 5e-6, 50
-  warm-up iterations, ~500 prompts per iteration) is `rlhf/scale=paper`.
+- Scale: the defaults are sized for the tiny world on 2 CPU cores (B=36 prompts, 48 new tokens, actor LR 5e-5,
+  critic LR 5e-4, 2 critic warm-up iterations; `rlhf/scale=tiny` adds 3 rounds x 40 iterations and KL 0.1). The
+  report's scale (LR 1e-6 / 5e-6, 50 warm-up iterations, ~500 prompts per iteration) is `rlhf/scale=paper`.
 - Across rounds the policy *and* the critic continue (the report leaves open whether PPO restarts each round).
 - The PPO ratio uses the policy's own recomputed log-probs as pi_old (temperature-scaled, no top-p truncation);
   the engine's sampling log-probs are only compared with the same quantity under top-p (`mismatch/*`).
@@ -64,7 +64,7 @@ from algo.masked import (  # noqa: E402
 )
 from algo.ppo import PPOLossConfig  # noqa: E402
 from algo.rewards import compute_token_rewards  # noqa: E402
-from algo.stats import RewardNormalizer, RewardNormConfig  # noqa: E402
+from algo.stats import RewardNormalizer, RewardNormConfig, paired_gain_se  # noqa: E402
 from cluster.placement import RoleResources  # noqa: E402
 from cluster.runtime import ClusterConfig, init_ray  # noqa: E402
 from cluster.timeouts import PhaseTimeout, RoleDied  # noqa: E402
@@ -163,10 +163,13 @@ class PromptConfig:
 
 @dataclass
 class EvalConfig:
-    heldout_per_domain: int = 12  # held-out prompts per domain for the oracle score
+    # Held-out prompts per domain for the oracle score. At 12 (x 4 samples) the evaluation alone moved the gain by
+    # +-0.03 (one standard error, `oracle_score_gain_se`), and the SFT baseline of one 12-prompt draw read 0.78
+    # where 48 prompts read 0.71; at 48 x 2 the error is ~0.017 (docs/design.md, "Session 6").
+    heldout_per_domain: int = 48
     # Samples per held-out prompt at the rollout's temperature/top_p: the headline score is the policy PPO trains
     # (a distribution); the greedy score is reported beside it (docs/design.md, "What the tiny world can show").
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 2
     max_new_tokens: int = 0  # 0 = rollout.sampling.max_new_tokens
 
     def __post_init__(self) -> None:
@@ -339,7 +342,7 @@ def ppo_iteration(ctx: Context) -> dict[str, float]:
     with timer("score"):
         raw = torch.tensor(score(roles, [{"domain": p.domain, "messages": p.messages, "response": t}
                                          for p, t in zip(prompts, texts)], to.score_s))
-    scores = ctx.normalizer(raw)
+    scores = ctx.normalizer(raw, [p.domain for p in prompts])
 
     # 4. Reference log-probs, critic values, policy log-probs (pi_old) of the sampled tokens.
     fwd = forward_passes(roles, batch, timer, to.forward_s)
@@ -580,7 +583,11 @@ def evaluate_oracle(ctx: Context, name: str) -> dict:
     sampled = ctx.sampling(iteration_seed(cfg.run.seed, 10**6), max_new_tokens=tokens)  # never a PPO iteration's
     rows: list[dict] = []
     out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled, "sampled", rows)
+    # per held-out prompt, the mean of its samples (domain d's scores are samples_per_prompt passes over its prompts)
+    k = cfg.eval.samples_per_prompt
+    out["per_prompt"] = {d: [sum(v[i::len(v) // k]) / k for i in range(len(v) // k)] for d, v in out.pop("scores").items()}
     out["greedy"] = _oracle_means(ctx, prompts, greedy, "greedy", rows)
+    out["greedy"].pop("scores")
     atomic_write_jsonl(ctx.run.dir / f"heldout_{name}.jsonl", rows)
     return out
 
@@ -597,7 +604,7 @@ def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig, decodin
         rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
                      "oracle": score})
     means = {d: sum(v) / len(v) for d, v in by_domain.items()}
-    return {"mean": sum(means.values()) / len(means), "by_domain": means}
+    return {"mean": sum(means.values()) / len(means), "by_domain": means, "scores": by_domain}
 
 
 def domains(cfg: RLHFJobConfig) -> list[str]:
@@ -631,12 +638,18 @@ def finish_run(ctx: Context) -> dict:
                          timeout_s=cfg.timeouts.checkpoint_s)
     sft = state.oracle_sft
     print_table(sft, final)
+    gain_se = paired_gain_se(sft["per_prompt"], final["per_prompt"]) if "per_prompt" in sft else None
+    if gain_se is not None:
+        print(f"gain {final['mean'] - sft['mean']:+.3f}; the held-out evaluation alone varies it by +-{gain_se:.3f} "
+              "(one standard error)", file=sys.stderr)
     tracked = track_hacks(ctx.run.dir)
     from_round_1 = [t for t in tracked if t["found_in_round"] == 1 and len(t["late_rate_by_round"]) > 1]
     return {
         "oracle_score_sft": sft["mean"],
         "oracle_score_final": final["mean"],
         "oracle_score_gain": final["mean"] - sft["mean"],
+        # the held-out evaluation's own noise in that gain (paired by prompt); None for a run begun before it existed
+        "oracle_score_gain_se": gain_se,
         "oracle_score_by_domain_sft": sft["by_domain"],
         "oracle_score_by_domain_final": final["by_domain"],
         "oracle_score_greedy_sft": sft["greedy"]["mean"],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from algo.stats import paired_gain_se
 from jobs.common import execute, load_config
 from jobs.rlhf import RLHFJobConfig, main
 from tests.jobs.rlhf_helpers import metric_rows, rlhf_inputs, small_run  # noqa: F401  (fixture)
@@ -44,6 +45,18 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
                     by_domain.setdefault(a["domain"], []).append(a["oracle"])
             assert {d: sum(v) / len(v) for d, v in by_domain.items()} == pytest.approx(summary[key])
         assert all(a["prompt"] and isinstance(a["response"], str) for a in answers)
+    # The gain's evaluation noise pairs each held-out prompt's sampled answers before and after (same prompt order).
+    per_prompt = {}
+    for name in ("sft", "final"):
+        sampled: dict[str, list] = {}
+        for line in Path(summary["heldout_samples"][name]).read_text().splitlines():
+            a = json.loads(line)
+            if a["decoding"] == "sampled":
+                sampled.setdefault(a["domain"], []).append((a["prompt_id"], a["oracle"]))
+        per_prompt[name] = {d: [sum(s for _, s in v[i::2]) / (len(v) // 2) for i in range(2)] for d, v in sampled.items()}
+        assert all(v[0][0] == v[len(v) // 2][0] for v in sampled.values())  # samples cycle over the 2 prompts
+    assert summary["oracle_score_gain_se"] == pytest.approx(paired_gain_se(per_prompt["sft"], per_prompt["final"]))
+    assert summary["oracle_score_gain_se"] >= 0.0
 
     rows = metric_rows(Path(summary["run_dir"]))
     assert sorted(rows) == [1, 2]
