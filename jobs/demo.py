@@ -177,8 +177,10 @@ def recap(summaries: dict[str, dict]) -> None:
         greedy = ""
         if "oracle_score_greedy_sft" in r:
             greedy = f" [greedy {r['oracle_score_greedy_sft']:.3f} -> {r['oracle_score_greedy_final']:.3f}]"
+        se = r.get("oracle_score_gain_se")
+        gain = f" (gain {r['oracle_score_final'] - r['oracle_score_sft']:+.3f} +- {se:.3f})" if se is not None else ""
         lines.append(f"RLHF: held-out oracle score {r['oracle_score_sft']:.3f} (SFT) -> {r['oracle_score_final']:.3f} "
-                     f"(after {r['rounds']} rounds){greedy}, KL {_fmt(r.get('kl_final_k3'))} (k3), hack rate by round "
+                     f"(after {r['rounds']} rounds){gain}{greedy}, KL {_fmt(r.get('kl_final_k3'))} (k3), hack rate by round "
                      f"{[round(h, 3) for h in r['hack_rate_by_round']]}, RM agrees with the labeler on the policy's replies "
                      f"{[None if a is None else round(a, 2) for a in r.get('rm_label_agreement_by_round', [])]}")
     if "eval" in summaries:

@@ -48,10 +48,10 @@ def test_each_stage_gets_overrides_its_schema_accepts(stage, tmp_path):
 def test_recap_prints_rlhf_gain_report_and_served_answer(capsys):
     demo.recap({
         "rlhf": {"oracle_score_sft": 0.4, "oracle_score_final": 0.55, "rounds": 3, "kl_final": -0.01, "kl_final_k3": 0.5,
-                 "oracle_score_greedy_sft": 0.7, "oracle_score_greedy_final": 0.75,
+                 "oracle_score_greedy_sft": 0.7, "oracle_score_greedy_final": 0.75, "oracle_score_gain_se": 0.0171,
                  "hack_rate_by_round": [0.2, 0.1, 0.05], "rm_label_agreement_by_round": [0.6, None, 0.75]},
         "eval": {"report": "/runs/demo/eval/report.md"},
         "serve": {"model_dir": "/m", "url": "http://127.0.0.1:8000/v1", "smoke_prompt": "Hi", "smoke_reply": "Hello."},
     })
     out = capsys.readouterr().out
-    assert "0.400 (SFT) -> 0.550 (after 3 rounds) [greedy 0.700 -> 0.750]" in out and "KL 0.500 (k3)" in out and "[0.6, None, 0.75]" in out and "/runs/demo/eval/report.md" in out and "'Hello.'" in out
+    assert "0.400 (SFT) -> 0.550 (after 3 rounds) (gain +0.150 +- 0.017) [greedy 0.700 -> 0.750]" in out and "KL 0.500 (k3)" in out and "[0.6, None, 0.75]" in out and "/runs/demo/eval/report.md" in out and "'Hello.'" in out
