@@ -19,9 +19,10 @@ def _latest(run_dir: Path) -> Path:
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
     def run(name: str, stop: int) -> dict:
-        # rounds=1 of 6 iterations: both runs stop inside the round, so only the PPO state is compared.
+        # rounds=1 of 6 iterations: both runs stop inside the round, so only the PPO state is compared. Per-domain
+        # reward statistics: the richer normaliser state must come back too.
         overrides = small_run(rlhf_inputs, tmp_path, name, "rounds=1", "iterations_per_round=6",
-                              f"stop_after_iterations={stop}")
+                              f"stop_after_iterations={stop}", "ppo.reward_norm.per_domain=true")
         return json.loads(execute("rlhf", load_config("rlhf", RLHFJobConfig, overrides), main).read_text())
 
     straight = run("straight", 4)
@@ -40,7 +41,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(ray_cluster, rlhf_
                 torch.testing.assert_close(flat_a[key], flat_b[key], atol=1e-6, rtol=1e-5, msg=f"{role}/{part}/{key}")
     state_a, state_b = (json.loads((p / "state.json").read_text()) for p in (a, b))
     for key in ("iteration", "prompt_cursor", "policy_version", "reward_stats", "kl_ctl"):
-        assert state_a[key] == pytest.approx(state_b[key]), key
+        assert _flat(state_a[key]) == pytest.approx(_flat(state_b[key])), key
+    assert len(state_b["reward_stats"]["domains"]) >= 2  # statistics per domain were kept and resumed
     # The restarted engines got the checkpointed policy by one more (versioned) sync.
     assert state_b["weight_version"] == state_a["weight_version"] + 1
 
@@ -49,6 +51,17 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(ray_cluster, rlhf_
     for it in (3, 4):  # iterations the resumed run computed after its restart
         for key in ("reward/raw_mean", "reward/normalized_mean", "kl", "entropy", "critic/value_loss", "policy/loss"):
             assert rows_a[it][key] == pytest.approx(rows_b[it][key], abs=1e-5), (it, key)
+
+
+def _flat(obj, prefix: str = ""):
+    """A JSON value with nested dicts flattened to {"a/b": leaf} (pytest.approx compares flat mappings only)."""
+    if not isinstance(obj, dict):
+        return obj if not prefix else {prefix: obj}
+    out = {}
+    for k, v in obj.items():
+        sub = _flat(v, f"{prefix}/{k}")
+        out.update(sub if isinstance(sub, dict) else {f"{prefix}/{k}": sub})
+    return out
 
 
 def _tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
