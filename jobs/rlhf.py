@@ -165,7 +165,7 @@ class PromptConfig:
 class EvalConfig:
     # Held-out prompts per domain for the oracle score. At 12 (x 4 samples) the evaluation alone moved the gain by
     # +-0.03 (one standard error, `oracle_score_gain_se`), and the SFT baseline of one 12-prompt draw read 0.78
-    # where 48 prompts read 0.71; at 48 x 2 the error is ~0.017 (docs/design.md, "Session 6").
+    # where 48 prompts x 8 samples read 0.73; at 48 x 2 the error is ~0.017 (docs/design.md, "Session 6").
     heldout_per_domain: int = 48
     # Samples per held-out prompt at the rollout's temperature/top_p: the headline score is the policy PPO trains
     # (a distribution); the greedy score is reported beside it (docs/design.md, "What the tiny world can show").
