@@ -261,12 +261,13 @@ def pack_corpus(clean, ranks: dict[tuple[str, int], int], total: int, tokenizer_
             yield pa.table({"rank": pa.array([ranks[k] for k in keys], pa.int64()), "ids": batch.column("ids")})
 
     with atomic_dir(out_dir) as tmp:
-        tables, parts = [], 0
+        tables, rows, parts = [], 0, 0
         for blocks, positions in pack_in_rank_order(ranked(), total, SequencePacker(cfg.seq_len, eos_id)):
             tables.append(packed_table(blocks, positions))
-            if sum(t.num_rows for t in tables) >= cfg.rows_per_file:
+            rows += len(blocks)
+            if rows >= cfg.rows_per_file:
                 pq.write_table(pa.concat_tables(tables), tmp / f"part-{parts:05d}.parquet")
-                tables, parts = [], parts + 1
+                tables, rows, parts = [], 0, parts + 1
         if tables or parts == 0:  # the rest; a corpus shorter than one row still gets its (empty) file
             empty = np.zeros((0, cfg.seq_len), np.int32)
             pq.write_table(pa.concat_tables(tables or [packed_table(empty, empty)]), tmp / f"part-{parts:05d}.parquet")

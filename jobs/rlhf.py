@@ -582,17 +582,19 @@ def evaluate_oracle(ctx: Context, name: str) -> dict:
     greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=tokens)
     sampled = ctx.sampling(iteration_seed(cfg.run.seed, 10**6), max_new_tokens=tokens)  # never a PPO iteration's
     rows: list[dict] = []
-    out = _oracle_means(ctx, prompts * cfg.eval.samples_per_prompt, sampled, "sampled", rows)
-    # per held-out prompt, the mean of its samples (domain d's scores are samples_per_prompt passes over its prompts)
     k = cfg.eval.samples_per_prompt
-    out["per_prompt"] = {d: [sum(v[i::len(v) // k]) / k for i in range(len(v) // k)] for d, v in out.pop("scores").items()}
-    out["greedy"] = _oracle_means(ctx, prompts, greedy, "greedy", rows)
-    out["greedy"].pop("scores")
+    sampled_scores = _oracle_scores(ctx, prompts * k, sampled, "sampled", rows)
+    out = _means(sampled_scores)
+    # per held-out prompt, the mean of its samples (domain d's scores are k passes over its prompts)
+    out["per_prompt"] = {d: [sum(v[i::len(v) // k]) / k for i in range(len(v) // k)] for d, v in sampled_scores.items()}
+    out["greedy"] = _means(_oracle_scores(ctx, prompts, greedy, "greedy", rows))
     atomic_write_jsonl(ctx.run.dir / f"heldout_{name}.jsonl", rows)
     return out
 
 
-def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig, decoding: str, rows: list[dict]) -> dict:
+def _oracle_scores(ctx: Context, prompts: list, sampling: SamplingConfig, decoding: str,
+                   rows: list[dict]) -> dict[str, list[float]]:
+    """Each answer's oracle score by domain, in prompt order; one row per answer is appended to `rows`."""
     from data.world import score as oracle
 
     rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], sampling, ctx.cfg.timeouts.generate_s)
@@ -603,8 +605,13 @@ def _oracle_means(ctx: Context, prompts: list, sampling: SamplingConfig, decodin
         by_domain.setdefault(p.domain, []).append(score)
         rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
                      "oracle": score})
+    return by_domain
+
+
+def _means(by_domain: dict[str, list[float]]) -> dict:
+    """{"mean": the mean over domains of each domain's mean, "by_domain": those means}."""
     means = {d: sum(v) / len(v) for d, v in by_domain.items()}
-    return {"mean": sum(means.values()) / len(means), "by_domain": means, "scores": by_domain}
+    return {"mean": sum(means.values()) / len(means), "by_domain": means}
 
 
 def domains(cfg: RLHFJobConfig) -> list[str]:
