@@ -18,7 +18,7 @@ round's "early" snapshot, the policy at its end the "late" one; `jobs.rlhf_round
 hacks (fast path), labels SFT/early/late comparisons (slow path), and updates the RM, which the reward role reloads.
 
 Deliberate choices and deviations from the report [R §4.2.3], all configurable:
-- Scale: the defaults are sized for the tiny world on 2 CPU cores (B=36 prompts, 48 new tokens, actor LR 5e-5,
+- Scale: the defaults are sized for the tiny world on 2 CPU cores (B=36 prompts, 56 new tokens, actor LR 5e-5,
   critic LR 5e-4, 2 critic warm-up iterations; `rlhf/scale=tiny` adds 3 rounds x 40 iterations and KL 0.1). The
   report's scale (LR 1e-6 / 5e-6, 50 warm-up iterations, ~500 prompts per iteration) is `rlhf/scale=paper`.
 - Across rounds the policy *and* the critic continue (the report leaves open whether PPO restarts each round).
@@ -216,7 +216,9 @@ class RLHFJobConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)  # path "" = policy.path
     reward: RewardRoleConfig = field(default_factory=RewardRoleConfig)
     rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(
-        sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=48)))  # model_path "" = policy.path
+        # model_path "" = policy.path. 56 new tokens hold the world's longest best answer (50 tokens + end of turn with
+        # the demo's tokenizer); at 48, 13 of the 72 two-reason how-to answers were cut (docs/design.md, "Session 7")
+        sampling=SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=56)))
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     placement: RLHFPlacementConfig = field(default_factory=RLHFPlacementConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -585,6 +587,14 @@ def evaluate_oracle(ctx: Context, name: str) -> dict:
     k = cfg.eval.samples_per_prompt
     sampled_scores = _oracle_scores(ctx, prompts * k, sampled, "sampled", rows)
     out = _means(sampled_scores)
+    out["truncated_frac"] = sum(r["truncated"] for r in rows) / max(len(rows), 1)
+    need = reference_answer_tokens(ctx.codec, prompts)
+    out["reference_tokens_max"] = max(need, default=0)
+    cut = sum(n > tokens for n in need)
+    if cut:
+        print(f"warning: the best answer to {cut} of {len(prompts)} held-out prompts needs more than {tokens} new tokens "
+              f"(up to {max(need)} with the end of turn), so rollouts cut it short and neither PPO nor this score can "
+              f"reach it; raise rollout.sampling.max_new_tokens to at least {max(need)}", file=sys.stderr)
     # per held-out prompt, the mean of its samples (domain d's scores are k passes over its prompts)
     out["per_prompt"] = {d: [sum(v[i::len(v) // k]) / k for i in range(len(v) // k)] for d, v in sampled_scores.items()}
     out["greedy"] = _means(_oracle_scores(ctx, prompts, greedy, "greedy", rows))
@@ -604,8 +614,21 @@ def _oracle_scores(ctx: Context, prompts: list, sampling: SamplingConfig, decodi
         score = oracle(p, text)
         by_domain.setdefault(p.domain, []).append(score)
         rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
-                     "oracle": score})
+                     "oracle": score, "truncated": r.finish_reason == "length"})
     return by_domain
+
+
+def reference_answer_tokens(codec: ChatCodec, prompts: list) -> list[int]:
+    """Per prompt, the tokens (end of turn included) of the world's best answer by its oracle: what the rollout
+    budget must hold for a policy to be able to give it. 48 new tokens cut the two-reason how-to answers of 13 of
+    the 72 verb/object pairs with the demo's tokenizer (they run to 50 + 1; docs/design.md, "Session 7")."""
+    from data.world import respond, score, styles
+
+    out = []
+    for p in prompts:
+        best = max((respond(p, s) for s in styles(p)["good"]), key=lambda text: score(p, text))
+        out.append(len(codec.tokenizer(best, add_special_tokens=False)["input_ids"]) + 1)
+    return out
 
 
 def _means(by_domain: dict[str, list[float]]) -> dict:
@@ -664,6 +687,10 @@ def finish_run(ctx: Context) -> dict:
         "oracle_score_greedy_by_domain_sft": sft["greedy"]["by_domain"],
         "oracle_score_greedy_by_domain_final": final["greedy"]["by_domain"],
         "heldout_samples": {name: str(ctx.run.dir / f"heldout_{name}.jsonl") for name in ("sft", "final")},
+        # share of sampled held-out answers the token budget cut off, and the longest best answer (it must fit)
+        "heldout_truncated_frac_sft": sft.get("truncated_frac"),
+        "heldout_truncated_frac_final": final["truncated_frac"],
+        "reference_answer_tokens_max": final["reference_tokens_max"],
         "kl_final": state.last_metrics.get("kl"),  # the penalty's estimator (k1 by default): noisy around 0
         "kl_final_k3": state.last_metrics.get("kl/k3"),  # never negative; what "KL stays bounded" reads
         "mismatch_p95_final": state.last_metrics.get("mismatch/p95_abs"),

@@ -18,7 +18,7 @@ PER_ITERATION = [
 ]
 
 
-def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
+def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs, tmp_path, capfd):  # noqa: F811
     cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "smoke", "rounds=1",
                                                       "iterations_per_round=2", "ppo.epochs=2"))
     summary = json.loads(execute("rlhf", cfg, main).read_text())
@@ -57,6 +57,15 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
         assert all(v[0][0] == v[len(v) // 2][0] for v in sampled.values())  # samples cycle over the 2 prompts
     assert summary["oracle_score_gain_se"] == pytest.approx(paired_gain_se(per_prompt["sft"], per_prompt["final"]))
     assert summary["oracle_score_gain_se"] >= 0.0
+    # 8 new tokens cannot hold the world's best answers: the job says so, names the budget that would, and reports
+    # the share of sampled held-out answers the budget cut off.
+    need = summary["reference_answer_tokens_max"]
+    assert need > 8 and f"raise rollout.sampling.max_new_tokens to at least {need}" in capfd.readouterr().err
+    for name in ("sft", "final"):
+        sampled = [json.loads(line) for line in Path(summary["heldout_samples"][name]).read_text().splitlines()]
+        sampled = [a for a in sampled if a["decoding"] == "sampled"]
+        assert summary[f"heldout_truncated_frac_{name}"] == pytest.approx(sum(a["truncated"] for a in sampled) / len(sampled))
+    assert summary["heldout_truncated_frac_sft"] > 0.5  # an untrained tiny model rarely ends a reply in 8 tokens
 
     rows = metric_rows(Path(summary["run_dir"]))
     assert sorted(rows) == [1, 2]
