@@ -189,11 +189,16 @@ def end_of_round(ctx: RoundContext) -> RoundResult:
     if (rdir / "round.json").exists():
         return RoundResult(**json.loads((rdir / "round.json").read_text()))
     _check_context(ctx)
+    seconds: dict[str, float] = {}  # wall time of each step of the round, logged as online/rm/seconds_<step>
+    started = time.time()
     if not (rdir / "patterns.json").exists():
         collect_preferences(ctx)
     collected = json.loads((rdir / "patterns.json").read_text())
+    seconds["seconds_collect"], started = round(time.time() - started, 2), time.time()
     trained = update_rm(ctx)
+    seconds["seconds_rm_update"], started = round(time.time() - started, 2), time.time()
     rm_eval = evaluate_round(ctx, trained)
+    rm_eval.update(seconds, seconds_rm_eval=round(time.time() - started, 2))
     result = RoundResult(
         new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]],
         pair_counts=collected["pair_counts"],

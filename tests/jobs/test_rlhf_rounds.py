@@ -311,6 +311,9 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
     logged = {k: v for row in ctx.logger.rows for k, v in row.items()}
     assert logged["online/rm/fast_pairs_acc_after"] == ev["fast_pairs_acc_after"]
     assert logged["online/pairs/fast"] == len(fast) and "online/hack_rate_late" in logged
+    # where the round's time went (the rerun collected nothing: its preferences were on disk)
+    assert ev["seconds_rm_update"] > 0 and ev["seconds_rm_eval"] > 0 and ev["seconds_collect"] < ev["seconds_rm_update"]
+    assert logged["online/rm/seconds_rm_update"] == ev["seconds_rm_update"]
     columns, table = ctx.logger.tables["online/round_1/patterns"]
     assert len(table) == len(patterns) and columns[0] == "name"
 
