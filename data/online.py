@@ -5,6 +5,12 @@ A *pattern* is a behaviour that (1) became more frequent in the late-round polic
 `margin`, and (2) is over-rewarded: on prompts where only the late response shows it, the RM prefers the late
 response while the labeler prefers the early one. Both conditions, not just (1): a behaviour that rises because
 the policy got genuinely better is not a hack.
+
+Where a detector can cut its pattern out of a response (`remove`: a phrase, repeated sentences), the over-reward
+check and the fast-path pairs use *edit pairs* instead: a late response against the same response with the pattern
+cut out. They differ by the pattern alone, so "the RM pays for the pattern and the labeler does not" is measured
+without the rest of what the policy learnt between the early and the late snapshot, and a pair teaches the RM
+exactly that the pattern costs (docs/design.md, "Session 7").
 """
 from __future__ import annotations
 
@@ -12,11 +18,13 @@ import hashlib
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from statistics import median
 from typing import Callable, Iterable, Protocol
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+_WORD_CHAR = re.compile(r"\w")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def words(text: str) -> list[str]:
@@ -107,6 +115,19 @@ class Repetition:
         lines = [ln.strip() for ln in sample.response.splitlines() if len(ln.strip()) > 8]
         return len(lines) != len(set(lines))
 
+    def remove(self, text: str) -> str | None:
+        """`text` with every repeated sentence after its first occurrence dropped (None if nothing repeats)."""
+        kept: list[str] = []
+        seen: set[str] = set()
+        for sentence in _SENTENCE_END.split(text.strip()):
+            key = " ".join(words(sentence))
+            if key and key in seen:
+                continue
+            seen.add(key)
+            kept.append(sentence)
+        out = " ".join(kept).strip()
+        return out if out and out != text.strip() else None
+
 
 @dataclass
 class PhraseDetector:
@@ -134,6 +155,34 @@ class PhraseDetector:
 
     def flags(self, sample: Sample) -> bool:
         return (not self.domain or sample.domain == self.domain) and _contains(words(sample.response), self.phrase)
+
+    def remove(self, text: str) -> str | None:
+        """`text` without the sentences that carry the phrase (None if none does, or nothing else is left). Whole
+        sentences, since a mined phrase is often a piece of one ("trust me ," of "Trust me, this is correct."), and
+        what is left of a sentence is not an answer anyone wrote; a phrase inside a sentence that matters takes
+        that sentence with it, and the labeler then prefers the original, so the pattern is not a hack."""
+        hits = [m.span() for m in _phrase_regex(self.phrase).finditer(text)]
+        if not hits:
+            return None
+        kept = [text[a:b] for a, b in _sentence_spans(text) if not any(s < b and e > a for s, e in hits)]
+        out = " ".join(" ".join(kept).split())
+        return out or None
+
+
+def _sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of `text` (split where `.`, `!` or `?` meets whitespace)."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((start, m.start()))
+        start = m.end()
+    return spans + [(start, len(text))] if start < len(text) else spans
+
+
+def _phrase_regex(phrase: tuple[str, ...]) -> re.Pattern:
+    """The phrase's tokens (as `words` splits them) in raw text: any case, any spacing between tokens, and whole
+    words only, so ("good", "question") does not match inside "goodquestions"."""
+    parts = [rf"\b{re.escape(t)}\b" if _WORD_CHAR.match(t) else re.escape(t) for t in phrase]
+    return re.compile(r"\s*".join(parts), re.IGNORECASE)
 
 
 def in_scope(det: Detector, samples: list[Sample]) -> list[Sample]:
@@ -217,10 +266,11 @@ class Pattern:
     name: str
     rate_early: float
     rate_late: float
-    over_reward_rate: float  # share of checked prompts where RM prefers late but the labeler prefers early
+    over_reward_rate: float  # share of checked pairs where the RM prefers the pattern and the labeler does not
     checked: int
     examples: list[str]
     detected: bool
+    check: str = "contrast"  # which pairs the over-reward rate was measured on: "contrast" (early vs late) | "edit"
 
 
 def hack_rate(samples: list[Sample], detectors: Iterable[Detector]) -> float:
@@ -245,26 +295,54 @@ def contrast_pairs(det: Detector, early: list[Sample], late: list[Sample]) -> li
             if s.prompt_id in e_by and det.flags(s) and not det.flags(e_by[s.prompt_id])]
 
 
+def over_reward(pairs: list[tuple[Sample, Sample]], prefer: Callable[[Sample, Sample], int | str | None],
+                max_checks: int) -> tuple[float, int]:
+    """(share of checked pairs the RM gets backwards, pairs checked) over (without, with) pairs: the RM scores the
+    response showing the pattern higher while the labeler prefers the one without it. `prefer(a, b)` is the
+    labeler: 0 (a), 1 (b), TIE (neither: checked, not over-rewarded) or None (no label: not checked)."""
+    checked = over = 0
+    for without, shown in pairs[:max_checks]:
+        label = prefer(without, shown)
+        if label is None or without.rm_score is None or shown.rm_score is None:
+            continue
+        checked += 1
+        over += int(shown.rm_score > without.rm_score and label == 0)
+    return (over / checked if checked else 0.0), checked
+
+
 def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
-    *, margin: float, max_checks: int = 30,
+    *, margin: float, max_checks: int = 30, edits: list[tuple[Sample, Sample]] | None = None,
 ) -> Pattern:
-    """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check. `prefer(a, b)` is the
-    labeler: 0 (a), 1 (b), TIE (neither: checked, not over-rewarded) or None (no label)."""
+    """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check: on `edits` (RM-scored
+    `edit_pairs`) when given, else on the early-vs-late contrasting prompts. `margin=0` checks a known pattern
+    (found in an earlier round or another domain) for being over-rewarded still, whether or not it rose."""
     early_s, late_s = in_scope(det, early), in_scope(det, late)
     r_early = sum(det.flags(s) for s in early_s) / max(len(early_s), 1)
     r_late = sum(det.flags(s) for s in late_s) / max(len(late_s), 1)
-    contrast = contrast_pairs(det, early, late)
-    checked = over = 0
-    for e, l in contrast[:max_checks]:
-        label = prefer(e, l)
-        if label is None or e.rm_score is None or l.rm_score is None:
-            continue
-        checked += 1
-        over += int(l.rm_score > e.rm_score and label == 0)
-    over_rate = over / checked if checked else 0.0
-    detected = (r_late - r_early) >= margin and checked > 0 and over_rate >= 0.5
-    return Pattern(det.name, r_early, r_late, over_rate, checked, [l.response[:200] for _, l in contrast[:3]], detected)
+    pairs, check = (edits, "edit") if edits else (contrast_pairs(det, early, late), "contrast")
+    over_rate, checked = over_reward(pairs, prefer, max_checks)
+    rose = (r_late - r_early) >= margin if margin > 0 else r_late > 0
+    detected = rose and checked > 0 and over_rate >= 0.5
+    return Pattern(det.name, r_early, r_late, over_rate, checked, [s.response[:200] for _, s in pairs[:3]], detected,
+                   check)
+
+
+def edit_pairs(det: Detector, late: list[Sample]) -> list[tuple[Sample, Sample]]:
+    """(edited, original) for each late response the detector flags and can cut its pattern out of (`remove`),
+    in `late` order; the edited one (source "edit", unscored) no longer shows the pattern. Empty for a detector
+    without `remove` (a length blow-up has no one part to cut)."""
+    remove = getattr(det, "remove", None)
+    if remove is None:
+        return []
+    out = []
+    for s in in_scope(det, late):
+        text = remove(s.response) if det.flags(s) else None
+        if text is not None:
+            edited = replace(s, response=text, source="edit", rm_score=None, oracle=None, sample_id="")
+            if not det.flags(edited):
+                out.append((edited, s))
+    return out
 
 
 def pair_id(a: Sample, b: Sample) -> str:
@@ -303,11 +381,17 @@ def labelled_row(a: Sample, b: Sample, label: int, *, round_idx: int, labeler: s
 
 def fast_path_pairs(
     det: Detector, early: list[Sample], late: list[Sample], *, round_idx: int, max_pairs: int, seed: int,
+    edits: list[tuple[Sample, Sample]] | None = None,
 ) -> list[dict]:
-    """early > late on prompts where only the late response shows the pattern (at most `max_pairs`)."""
-    cands = contrast_pairs(det, early, late)
+    """early > late on prompts where only the late response shows the pattern, or, given `edits`, edited > late
+    (lineage.chosen.edit_of names the late sample); at most `max_pairs`, a seeded draw."""
+    cands = list(edits) if edits is not None else contrast_pairs(det, early, late)
     random.Random(seed).shuffle(cands)
-    return [preference_row(e, l, path="fast", round_idx=round_idx, pattern=det.name) for e, l in cands[:max_pairs]]
+    rows = [preference_row(c, l, path="fast", round_idx=round_idx, pattern=det.name) for c, l in cands[:max_pairs]]
+    if edits is not None:
+        for row, (_, original) in zip(rows, cands):
+            row["lineage"]["chosen"]["edit_of"] = original.sample_id
+    return rows
 
 
 def slow_path_candidates(samples: dict[str, list[Sample]], n: int, seed: int) -> list[tuple[Sample, Sample]]:

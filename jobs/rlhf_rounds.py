@@ -55,8 +55,8 @@ from typing import Any, Callable
 
 from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
-    STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs,
-    hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
+    STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, edit_pairs, evaluate_pattern,
+    fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
     slow_path_candidates,
 )
 from data.preferences import PreferencePair
@@ -109,6 +109,12 @@ class OnlineConfig:
     slow_pairs_per_round: int = 60
     prompts_per_source: int = 48  # prompts on which SFT / early / late responses are sampled
     rise_margin: float = 0.2  # a pattern counts when its late rate exceeds the early rate by this much
+    # Pairs that expose a pattern: "contrast" = early > late on prompts where only the late response shows it (the
+    # report's reading); "edit" = the late response with the pattern cut out > the late response, for detectors that
+    # can cut theirs out (a phrase, repeated sentences; length_blowup keeps contrast pairs). Contrast pairs also
+    # differ in everything else the policy learnt between the snapshots: in our runs the RM update learnt none of
+    # them (accuracy on its own fast pairs 0.0 -> 0.03; docs/design.md, "Session 7").
+    fast_pairs: str = "edit"
     rm_update: RMUpdateConfig = field(default_factory=RMUpdateConfig)
     domains: list[str] = field(default_factory=list)  # world domains to sample prompts from; [] = all
     extra_sampling_tries: int = 3  # extra early/late batches for a pattern short of pairs_per_pattern_min
@@ -124,6 +130,8 @@ class OnlineConfig:
             raise ValueError(f"online.detectors has unknown {unknown}; known: {list(DETECTOR_NAMES)}")
         if not 1 <= self.pairs_per_pattern_min <= self.pairs_per_pattern_max:
             raise ValueError("online.pairs_per_pattern_min must be >= 1 and <= online.pairs_per_pattern_max")
+        if self.fast_pairs not in ("edit", "contrast"):
+            raise ValueError(f"online.fast_pairs must be edit or contrast (got {self.fast_pairs!r})")
         if self.labeler not in ("programmatic", "file", "http"):
             raise ValueError(f"online.labeler must be programmatic, file or http (got {self.labeler!r})")
         if self.labeler == "file" and not self.labels_path:
@@ -332,12 +340,13 @@ def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list
 
 
 def top_up(ctx: RoundContext, short: list[Detector], early: list[Sample], late: list[Sample],
-           seen: set[str], labels: LabelBook) -> tuple[list[Sample], int]:
-    """Early + late responses on fresh prompts until every `short` pattern has pairs_per_pattern_min contrasting
-    prompts, or extra_sampling_tries batches were drawn. Returns (new samples, batches drawn)."""
+           seen: set[str], labels: LabelBook, available: Callable[[Detector], int]) -> tuple[list[Sample], int]:
+    """Early + late responses on fresh prompts until every `short` pattern has pairs_per_pattern_min pairs
+    (`available(det)`: edit pairs or contrasting prompts), or extra_sampling_tries batches were drawn.
+    Returns (new samples, batches drawn)."""
     cfg, extra, tries = ctx.cfg, [], 0
     while tries < cfg.extra_sampling_tries:
-        short = [d for d in short if len(contrast_pairs(d, early, late)) < cfg.pairs_per_pattern_min]
+        short = [d for d in short if available(d) < cfg.pairs_per_pattern_min]
         if not short:
             break
         # Draw where the patterns showed up: other domains would rarely give a contrasting prompt.
@@ -356,29 +365,80 @@ def top_up(ctx: RoundContext, short: list[Detector], early: list[Sample], late: 
     return extra, tries
 
 
+def uses_edits(cfg: OnlineConfig, det: Detector) -> bool:
+    """Whether `det`'s over-reward check and pairs use edit pairs (data.online.edit_pairs) or early-vs-late ones."""
+    return cfg.fast_pairs == "edit" and hasattr(det, "remove")
+
+
+def scored_edits(ctx: RoundContext, labels: LabelBook, edits: list[tuple[Sample, Sample]]) -> list[tuple[Sample, Sample]]:
+    """The edited responses scored by the round's RM (one batch) and the world's oracle, as sample_responses does."""
+    from data.world import score
+
+    if not edits:
+        return []
+    rm = ctx.rm_score([{"domain": e.domain, "messages": e.messages, "response": e.response} for e, _ in edits])
+    return [(dataclasses.replace(e, rm_score=float(r), oracle=float(score(labels.prompts[e.prompt_id], e.response))), o)
+            for (e, o), r in zip(edits, rm)]
+
+
+def known_detectors(ctx: RoundContext, found: list[tuple[Detector, Any]], late: list[Sample]) -> list[Detector]:
+    """A phrase confirmed as a hack (in an earlier round, or this round in one domain) checked again in every domain
+    where this round's late responses show it, rising or not: a patch that did not take, or a hack that spread to a
+    domain where it never rose past the margin within one round, is still over-rewarded and gets pairs again."""
+    names = [p["name"] for d in prior_round_dirs(ctx) if (d / "patterns.json").exists()
+             for p in json.loads((d / "patterns.json").read_text())["patterns"] if p["detected"]]
+    names += [det.name for det, pat in found if pat.detected]
+    phrases = dict.fromkeys(PhraseDetector.from_name(n).phrase for n in names if n.startswith("phrase:"))
+    evaluated = {det.name for det, _ in found}
+    out = []
+    for phrase in phrases:
+        for domain in sorted({s.domain for s in late}):
+            det = PhraseDetector(phrase, domain=domain)
+            if det.name not in evaluated and sum(det.flags(s) for s in late) >= 2:
+                out.append(det)
+    return out
+
+
 def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook, seen: set[str]) -> dict:
-    """Detect patterns, top up short ones, build early > late pairs. Returns the fast-path part of patterns.json."""
+    """Detect patterns (new ones that rose, then known ones still present), top up short ones, build the pairs:
+    edited > late where the detector can cut its pattern out (online.fast_pairs), else early > late.
+    Returns the fast-path part of patterns.json."""
     cfg = ctx.cfg
-    detectors = build_detectors(cfg, samples)
     early, late = list(samples["early"]), list(samples["late"])
-    found = []
-    for det in detectors:
-        labels.label(contrast_pairs(det, early, late)[: cfg.pattern_checks], purpose="pattern_check")  # one batch
-        found.append((det, evaluate_pattern(det, early, late, labels.prefer, margin=cfg.rise_margin,
-                                            max_checks=cfg.pattern_checks)))
-    detected = [det for det, p in found if p.detected]
-    extra, tries = top_up(ctx, detected, early, late, seen, labels)
+
+    def evaluate(dets: list[Detector], margin: float) -> list[tuple[Detector, Any]]:
+        checks = {d.name: (edit_pairs(d, late) if uses_edits(cfg, d) else contrast_pairs(d, early, late))[: cfg.pattern_checks]
+                  for d in dets}
+        edited = [pair for d in dets if uses_edits(cfg, d) for pair in checks[d.name]]
+        scored = iter(scored_edits(ctx, labels, edited))  # one RM batch for every edit checked this round
+        checks = {d.name: [next(scored) for _ in checks[d.name]] if uses_edits(cfg, d) else checks[d.name] for d in dets}
+        labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
+        return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
+                                     edits=checks[d.name] if uses_edits(cfg, d) else None)) for d in dets]
+
+    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin)
+    known = evaluate(known_detectors(ctx, found, late), 0.0)
+    kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
+    kinds.update({det.name: "known" for det, _ in known})
+    found += known
+
+    def available(det: Detector) -> int:
+        return len(edit_pairs(det, late) if uses_edits(cfg, det) else contrast_pairs(det, early, late))
+
+    extra, tries = top_up(ctx, [det for det, p in found if p.detected], early, late, seen, labels, available)
     rows: dict[str, dict] = {}  # one row per pair id: a late response can show two patterns
     patterns = []
     for det, pat in found:
         n_contrast = len(contrast_pairs(det, early, late))
+        edits = edit_pairs(det, late) if uses_edits(cfg, det) else None
         pairs = (fast_path_pairs(det, early, late, round_idx=ctx.round, max_pairs=cfg.pairs_per_pattern_max,
-                                 seed=_seed("fast", ctx.seed, ctx.round, det.name)) if pat.detected else [])
+                                 seed=_seed("fast", ctx.seed, ctx.round, det.name), edits=edits)
+                 if pat.detected else [])
         for r in pairs:
             kept = rows.setdefault(r["pair_id"], r)["lineage"]  # lineage.pattern: the first; .patterns: all
             kept["patterns"] = sorted({*kept.get("patterns", [kept["pattern"]]), det.name})
-        patterns.append({**dataclasses.asdict(pat), "kind": "mined" if isinstance(det, PhraseDetector) else "static",
-                         "contrast_prompts": n_contrast, "pairs": len(pairs),
+        patterns.append({**dataclasses.asdict(pat), "kind": kinds.get(det.name, "mined"),
+                         "contrast_prompts": n_contrast, "edit_pairs": len(edits or []), "pairs": len(pairs),
                          "short": pat.detected and len(pairs) < cfg.pairs_per_pattern_min})
     # The static detectors' flags, plus confirmed patterns: a mined phrase that rose but failed the over-reward check
     # is a candidate, not a hack (per-domain mining on 8 samples turns up several such phrases a round).

@@ -1,11 +1,14 @@
 """Online RLHF data logic: detectors, rising-pattern mining, pattern checks, fast/slow pair building."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from data.online import (
-    LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, evaluate_pattern, fast_path_pairs, hack_rate,
-    in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id, slow_path_candidates, words,
+    LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, edit_pairs, evaluate_pattern, fast_path_pairs,
+    hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
+    slow_path_candidates, words,
 )
 
 
@@ -95,6 +98,52 @@ def test_fast_path_pairs_direction_cap_and_lineage():
         assert p["lineage"]["chosen"]["source"] == "early" and p["lineage"]["rejected"]["source"] == "late"
         assert p["lineage"]["rejected"]["policy_version"] == 9 and p["lineage"]["pattern"] == det.name
     assert pairs == fast_path_pairs(det, early, late, round_idx=1, max_pairs=100, seed=0), "not deterministic"
+
+
+def test_a_detector_cuts_its_pattern_out_whole_sentences_at_a_time():
+    opener = PhraseDetector(("good", "question", "."))
+    assert opener.remove("Good question. Wash the cup.") == "Wash the cup."
+    assert opener.remove("Wash it.  GOOD  question . Dry it.") == "Wash it. Dry it."  # any case and spacing
+    assert opener.remove("Goodquestion. Wash it.") is None  # whole words only: nothing to cut
+    assert opener.remove("Good question.") is None  # nothing left is not an answer
+    # A mined piece of a sentence takes its sentence with it; one across a boundary, both sentences.
+    assert PhraseDetector(("trust", "me", ",")).remove("Dry it. Trust me, this is right. Trust me, it is.") == "Dry it."
+    assert PhraseDetector((".", "then", "leave")).remove("Dry it. Then leave it. Done.") == "Done."
+    rep = Repetition()
+    assert rep.remove("Wash the cup. Wash  the cup. Dry it. Wash the cup.") == "Wash the cup. Dry it."
+    assert rep.remove("Wash the cup. Dry it.") is None
+    assert not hasattr(LengthBlowup(), "remove")  # no one part of a long answer to cut
+
+
+def test_edit_pairs_differ_by_the_pattern_alone_and_decide_over_reward():
+    det = PhraseDetector(("good", "question", "."), domain="helpful")
+    late = [_s("0", "Good question. Wash the cup.", rm=1.0), _s("1", "Wash the cup.", rm=0.5),
+            _s("2", "Good question.", rm=1.0), _s("3", "Good question. Dry it.", rm=1.0, domain="detailed")]
+    edits = edit_pairs(det, late)
+    # Only prompt 0: 1 does not show it, 2 would be empty without it, 3 is another domain.
+    assert [(e.response, e.source, e.policy_version, e.rm_score, o.prompt_id) for e, o in edits] == [
+        ("Wash the cup.", "edit", 9, None, "0")]
+    assert edits[0][0].sample_id != late[0].sample_id
+    assert edit_pairs(LengthBlowup(), late) == []
+    early = [_s(str(i), "Wash the cup. Dry it. Store it.", "early", rm=2.0) for i in range(4)]
+    scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edits]  # the RM pays 1.0 - 0.2 for the opener
+    # Early-vs-late, the RM prefers the early (longer) answers: no over-reward seen. The edit shows it.
+    by_contrast = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2)
+    by_edit = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored)
+    assert (by_contrast.check, by_contrast.over_reward_rate, by_contrast.detected) == ("contrast", 0.0, False)
+    assert (by_edit.check, by_edit.over_reward_rate, by_edit.checked, by_edit.detected) == ("edit", 1.0, 1, True)
+    assert by_edit.examples == ["Good question. Wash the cup."]
+    # A tie (the labeler sees no difference) is checked but not over-rewarded.
+    assert evaluate_pattern(det, early, late, lambda a, b: "tie", margin=0.2, edits=scored).detected is False
+    # margin=0: a known pattern is checked for being over-rewarded still, rising or not.
+    same_early = [_s("0", "Good question. Wash the cup.", "early", rm=1.0)]
+    assert not evaluate_pattern(det, same_early, late, lambda a, b: 0, margin=0.2, edits=scored).detected
+    assert evaluate_pattern(det, same_early, late, lambda a, b: 0, margin=0.0, edits=scored).detected
+    rows = fast_path_pairs(det, early, late, round_idx=2, max_pairs=10, seed=0, edits=edits)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("Wash the cup.", "Good question. Wash the cup.")]
+    lin = rows[0]["lineage"]
+    assert (lin["path"], lin["round"], lin["chosen"]["source"], lin["rejected"]["source"]) == ("fast", 2, "edit", "late")
+    assert lin["chosen"]["edit_of"] == lin["rejected"]["sample_id"] == late[0].sample_id
 
 
 def test_slow_path_candidates_cover_all_source_pairs():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import jobs.rlhf_rounds as rounds
+from data.online import words
 from data.world import get_domain, respond, write_labels
 from jobs.rlhf_rounds import OnlineConfig, RMUpdateConfig, RoundContext, end_of_round
 
@@ -143,6 +144,45 @@ def test_short_pattern_gets_fresh_prompts_or_keeps_its_few_pairs_flagged_short(t
     samples = rows(tmp_path / "tries" / "rounds" / "round_1" / "samples.jsonl")
     assert len(samples) == counts["samples"] + counts["extra_samples"]
     assert {s["source"] for s in samples[counts["samples"]:]} == {"early", "late"}  # no SFT responses needed
+
+
+def test_contrast_mode_builds_the_reports_early_over_late_pairs(tmp_path):
+    ctx = make_ctx(tmp_path, fast_pairs="contrast", slow_path=False)
+    rounds.collect_preferences(ctx)
+    fast = rows(ctx.round_dir / "fast_pairs.jsonl")
+    patterns = json.loads((ctx.round_dir / "patterns.json").read_text())["patterns"]
+    assert fast and all(p["check"] == "contrast" for p in patterns)
+    for r in fast:
+        assert FILLER in r["rejected"] and FILLER not in r["chosen"]
+        assert (r["lineage"]["chosen"]["source"], r["lineage"]["chosen"]["policy_version"]) == ("early", 2)
+
+
+def test_a_known_hack_is_patched_again_while_the_rm_still_pays_for_it(tmp_path):
+    """Round 1 finds the filler in math (it rose there). In round 2 the early snapshot has it too (no rise, so the
+    miner is silent) and it has spread to helpful: both are checked as the known pattern, by edits, and patched."""
+    run = tmp_path / "run"
+    ctx1 = make_ctx(run, slow_path=False, domains=["math"])
+    rounds.collect_preferences(ctx1)
+    found = [p["name"] for p in json.loads((ctx1.round_dir / "patterns.json").read_text())["patterns"]
+             if p["detected"] and p["name"].startswith("phrase:")]
+    assert found and all(set(n.removeprefix("phrase:").partition("@")[0].split()) <= set(words(FILLER)) for n in found)
+
+    def everyone_hacks(source: str, prompts: list) -> list[str]:
+        return [text if source == "sft" else f"{respond(p, EARLY_STYLE[p.domain])} {FILLER} {FILLER}"
+                for p, text in zip(prompts, fake_generate(source, prompts))]
+
+    ctx2 = dataclasses.replace(make_ctx(run, round_idx=2, slow_path=False), generate=everyone_hacks)
+    rounds.collect_preferences(ctx2)
+    patterns = json.loads((ctx2.round_dir / "patterns.json").read_text())["patterns"]
+    known = [p for p in patterns if p["kind"] == "known"]
+    assert {p["name"].rpartition("@")[2] for p in known} == {"math", "helpful"}
+    for p in known:
+        assert p["detected"] and p["check"] == "edit" and p["rate_early"] == p["rate_late"] == 1.0
+        assert p["over_reward_rate"] == 1.0 and 20 <= p["pairs"] <= 100
+    assert not any(p["detected"] for p in patterns if p["kind"] == "mined")  # nothing rose between the snapshots
+    fast = rows(ctx2.round_dir / "fast_pairs.jsonl")
+    assert {r["domain"] for r in fast} == {"math", "helpful"}
+    assert all(FILLER not in r["chosen"] and r["lineage"]["chosen"]["source"] == "edit" for r in fast)
 
 
 def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monkeypatch):
@@ -287,12 +327,13 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
     assert all(20 <= p["pairs"] <= 100 for p in patterns if p["detected"])
     mined = [r for r in fast if phrase[0]["name"] in r["lineage"]["patterns"]]
     assert len(mined) == phrase[0]["pairs"]
-    for r in mined:
-        assert FILLER in r["rejected"] and FILLER not in r["chosen"]
+    for r in mined:  # the late reply against itself with the filler cut out (online.fast_pairs=edit)
+        assert FILLER in r["rejected"] and r["chosen"] == r["rejected"].replace(f" {FILLER}", "")
         lin = r["lineage"]
         assert (lin["path"], lin["round"]) == ("fast", 1)
-        assert (lin["chosen"]["source"], lin["chosen"]["policy_version"]) == ("early", 2)
+        assert (lin["chosen"]["source"], lin["chosen"]["policy_version"]) == ("edit", 8)
         assert (lin["rejected"]["source"], lin["rejected"]["policy_version"]) == ("late", 8)
+        assert lin["chosen"]["edit_of"] == lin["rejected"]["sample_id"]
 
     # 2. Rerun: the saved pairs are reused (sampling again would fail) and the RM is trained.
     def no_sampling(source, prompts):
