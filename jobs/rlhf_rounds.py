@@ -7,7 +7,11 @@ Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...
      late responses from ctx.generate, scored by ctx.rm_score and the world's oracle -> Samples with lineage
   2. fast path: static detectors (fitted on SFT + early) and one PhraseDetector per rising phrase; a detector is a
      pattern when its rate rises by rise_margin and the labeler disagrees with the RM on >= half of the checked
-     contrasting prompts; each pattern gives early > late pairs (at most pairs_per_pattern_max)
+     pairs: edit pairs (the late reply with the pattern cut out vs the late reply) where the detector can cut its
+     pattern out, else early-vs-late replies to prompts where only the late one shows it. A phrase confirmed in an
+     earlier round, or this round in another domain, is checked again in every domain where late replies show it,
+     rising or not ("known"). Each pattern gives edited > late (or early > late) pairs, at most
+     pairs_per_pattern_max
   3. slow path: SFT/early/late comparisons -> labeler; labels that arrived for earlier rounds' to_label files too
   4. every preference file written (atomically) before any training
   5. RM_k: finetune of RM_{k-1} (or retrain from SFT) on base + every online pair so far, through the RM TrainTask
@@ -19,7 +23,8 @@ Everything a round writes lives in `<run_dir>/rounds/round_<k>/`, in this order:
     to_label.jsonl     comparisons the labeler left unlabelled (labeler=file: waiting for humans): {"id", "domain",
                        "messages", "a", "b", "purposes", ...}; a labelling tool appends {"id": <id>, "label": 0 | 1}
                        (0 = a preferred) to online.labels_path, and the next rounds turn those labels into pairs
-    fast_pairs.jsonl   early > late pairs exposing each detected pattern (lineage.path "fast")
+    fast_pairs.jsonl   edited > late (or early > late) pairs exposing each detected pattern (lineage.path "fast";
+                       an edited reply has source "edit" and lineage.chosen.edit_of = the late sample it was cut from)
     slow_pairs.jsonl   labelled comparisons of this round and of earlier rounds' to_label files (lineage.path "slow")
     pairs.jsonl        fast + slow, each pair id once: this round's new preferences (RoundResult.pairs_path)
     patterns.json      every candidate detector (rates, checks, pairs, "short"), hack rates and pair counts; written
@@ -30,7 +35,12 @@ Idempotent: a rerun returns the saved round.json, reuses the pairs when patterns
 exists), and otherwise starts the round over (nothing partial is ever read back).
 
 Deliberate choices where the report is silent (spec 7.3):
-  - the late response showing the pattern is the rejected one (early > late);
+  - the late response showing the pattern is the rejected one; its chosen side is, by default, the same response
+    with the pattern cut out (online.fast_pairs=edit), so the pair differs by the pattern alone; the report's
+    early > late pairs (online.fast_pairs=contrast) also differ in everything else the policy learnt meanwhile, and
+    in our runs the RM update learnt none of them;
+  - a hack stays on the list once confirmed: later rounds check it again whether or not it rose within the round
+    (a patch that did not take leaves it in the early snapshot too, where the rise test cannot see it);
   - a rising behaviour counts as a pattern only if the labeler also disagrees with the RM on it;
   - a pattern with fewer than pairs_per_pattern_min contrasting prompts triggers up to extra_sampling_tries batches
     of early/late responses on fresh prompts of the domains where it showed; if still short, its pairs are kept
