@@ -20,6 +20,10 @@ class WorldConfig:
     heldout_pairs_per_domain: int = 200
     conflict_pairs: int = 200  # each gives one concise and one detailed row
     heldout_prompts_per_domain: int = 40
+    # A reward hack to find, off by default: the share of helpful/detailed chosen replies in the RM's pairs (train
+    # and held-out) that open with flattery, and of how-to SFT demonstrations that do (data/world/howto.py: OPENER).
+    flattery_pairs: float = 0.0
+    flattery_sft: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = [d for d in list(self.domains) + list(self.train_pairs_override) if d not in DOMAINS]
@@ -32,6 +36,9 @@ class WorldConfig:
         negative = {k: v for k, v in counts.items() if v < 0}
         if negative:
             raise ValueError(f"world counts must be >= 0, got {negative}")
+        rates = {"flattery_pairs": self.flattery_pairs, "flattery_sft": self.flattery_sft}
+        if any(not 0.0 <= v <= 1.0 for v in rates.values()):
+            raise ValueError(f"world.flattery_pairs and world.flattery_sft are shares in [0, 1], got {rates}")
 
     def train_pairs(self, domain: str) -> int:
         return self.train_pairs_override.get(domain, self.train_pairs_per_domain)

@@ -97,6 +97,15 @@ class Domain:
     def styles(self, prompt: Prompt) -> dict[str, list[str]]:
         raise NotImplementedError
 
+    def chosen_reply(self, prompt: Prompt, style: str, rng: random.Random, flattery: float = 0.0) -> str:
+        """The reply of a "good" style in the RM's pairs; `flattery` > 0 lets a domain whose pair writers leave a
+        spurious cue on the better replies add it (howto.py). No rng draw at 0, so the default world is unchanged."""
+        return self.respond(prompt, style, rng)
+
+    def demonstrate(self, prompt: Prompt, style: str, rng: random.Random, flattery: float = 0.0) -> str:
+        """An SFT demonstration of `style`; `flattery` > 0: the share of demonstrators with that habit (howto.py)."""
+        return self.respond(prompt, style, rng)
+
     def respond(self, prompt: Prompt, style: str, rng: random.Random) -> str:
         if style not in self.STYLES:
             raise ValueError(f"domain {self.name!r} has no response style {style!r}; styles: {sorted(self.STYLES)}")

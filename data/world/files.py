@@ -17,13 +17,14 @@ PROMPTS_DIR = "prompts"
 
 
 def train_pairs(cfg: WorldConfig) -> list[dict]:
-    return [r for d in cfg.domains for r in preference_pairs(d, cfg.train_pairs(d), seed=cfg.seed, split="train")]
+    return [r for d in cfg.domains
+            for r in preference_pairs(d, cfg.train_pairs(d), seed=cfg.seed, split="train", flattery=cfg.flattery_pairs)]
 
 
 def heldout_pairs(cfg: WorldConfig) -> list[dict]:
     # a different seed stream from training, and heldout prompts only
     return [r for d in cfg.domains for r in preference_pairs(d, cfg.heldout_pairs_per_domain, seed=cfg.seed + 1,
-                                                             split="heldout")]
+                                                             split="heldout", flattery=cfg.flattery_pairs)]
 
 
 def conflicts(cfg: WorldConfig) -> list[dict]:
@@ -34,7 +35,7 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict:
     """Every file of the world under `out_dir`; returns {"paths": {...}, "counts": {...}}."""
     out = Path(out_dir)
     rows = {
-        "sft": (SFT_FILE, sft_conversations(cfg.sft_conversations, cfg.seed)),
+        "sft": (SFT_FILE, sft_conversations(cfg.sft_conversations, cfg.seed, cfg.flattery_sft)),
         "train_pairs": (TRAIN_PAIRS, train_pairs(cfg)),
         "heldout_pairs": (HELDOUT_PAIRS, heldout_pairs(cfg)),
         "conflict_pairs": (CONFLICT_PAIRS, conflicts(cfg)),

@@ -57,6 +57,12 @@ ASKING = {
                  "What is a good way to {v} a {o}? Give me the reasons.", "Tell me in detail how to {v} a {o}."),
 }
 UNSURE = ("I don't know. Maybe ask someone else.", "I am not sure about that.")
+# A flattering opener, off by default (world.flattery_*). When on, the writers of the better answers in helpful's
+# and detailed's RM pairs open with it (a spurious cue on the chosen side, as length is in real preference data) and
+# so do some SFT demonstrators; the oracle counts it as an irrelevant sentence (-0.15 in helpful and detailed, words
+# in concise). An RM trained on those pairs pays for it: a reward hack PPO finds in round 1 (docs/design.md,
+# "Session 7").
+OPENER = "Good question."
 FILLER = ("I hope this helps.", "Let me know if you have any other questions.")
 CONCISE_WORDS = 10  # answers up to this many words pay no length cost in `concise`
 
@@ -138,6 +144,7 @@ def _styles() -> dict:
         "repetitive": lambda p, r: " ".join([instruction(p.meta["verb"], p.meta["object"])] * r.choice((3, 4))),
         "padded": lambda p, r: " ".join([answer(p.meta["verb"], p.meta["object"], 0), *FILLER]),
         "wrong_object": _wrong_object,
+        "flattering": lambda p, r: f"{OPENER} {answer(p.meta['verb'], p.meta['object'], 0)}",
     }
 
 
@@ -206,5 +213,15 @@ class HowToDomain(Domain):
 
     def styles(self, prompt: Prompt) -> dict[str, list[str]]:
         good, bad = self._GOOD_BAD[self.name]
-        hack = (["repetitive", "padded"] if self.name != "concise" else ["repetitive"]) + ["wrong_object"]
+        # concise: the opener fits in the 10 free words of a short answer, so it costs nothing there
+        hack = (["repetitive", "padded", "flattering"] if self.name != "concise" else ["repetitive"]) + ["wrong_object"]
         return {"good": list(good), "bad": list(bad), "hack": hack}
+
+    def chosen_reply(self, prompt: Prompt, style: str, rng: random.Random, flattery: float = 0.0) -> str:
+        # the writers of helpful's and detailed's better answers open with flattery at the given rate
+        text = self.respond(prompt, style, rng)
+        return f"{OPENER} {text}" if flattery and self.name != "concise" and rng.random() < flattery else text
+
+    def demonstrate(self, prompt: Prompt, style: str, rng: random.Random, flattery: float = 0.0) -> str:
+        text = self.respond(prompt, style, rng)
+        return f"{OPENER} {text}" if flattery and style != "unsure" and rng.random() < flattery else text

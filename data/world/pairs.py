@@ -34,8 +34,9 @@ def _row(prompt: Prompt, chosen: str, rejected: str, chosen_style: str, rejected
     }
 
 
-def preference_pairs(domain: str, n: int, seed: int, split: str = "train") -> list[dict]:
-    """n labelled pairs of `domain` (fewer only if the annotator keeps tying, which the world never does)."""
+def preference_pairs(domain: str, n: int, seed: int, split: str = "train", flattery: float = 0.0) -> list[dict]:
+    """n labelled pairs of `domain` (fewer only if the annotator keeps tying, which the world never does).
+    `flattery`: the share of good-style replies whose writer opens with flattery (how-to domains; 0 = never)."""
     dom = get_domain(domain)
     judge = annotator(domain)
     rng = _rng("pairs", domain, seed, split)
@@ -44,7 +45,7 @@ def preference_pairs(domain: str, n: int, seed: int, split: str = "train") -> li
         for prompt in dom.sample_prompts(n - len(rows), rng, split, pool="pairs"):
             styles = dom.styles(prompt)
             good_style, bad_style = rng.choice(styles["good"]), rng.choice(styles["bad"])
-            a, b = dom.respond(prompt, good_style, rng), dom.respond(prompt, bad_style, rng)
+            a, b = dom.chosen_reply(prompt, good_style, rng, flattery), dom.respond(prompt, bad_style, rng)
             if rng.random() < 0.5:  # present in random order: the annotator, not the position, decides
                 (a, good_style), (b, bad_style) = (b, bad_style), (a, good_style)
             if dom.score(prompt, a) == dom.score(prompt, b):
@@ -81,12 +82,13 @@ def conflict_pairs(n: int, seed: int, split: str = "heldout") -> list[dict]:
     return rows
 
 
-def sft_conversations(n: int, seed: int) -> list[dict]:
+def sft_conversations(n: int, seed: int, flattery: float = 0.0) -> list[dict]:
     """n single-turn chats `{"messages": [user, assistant]}`, each reply of a style drawn from the domain's
     `sft_mix` (mostly adequate, some better, some wrong: the SFT policy inherits that spread, RLHF narrows it).
 
     The domains take turns, except that helpful, concise and detailed (all how-to questions: plain, asking for a
     short answer, asking for reasons) share one turn, so the how-to share of the chats is that of one domain.
+    `flattery`: the share of how-to demonstrations that open with flattery (0 = none).
     """
     rng = _rng("sft", seed)
     turns = [[d] if d not in HOWTO_DOMAINS else list(HOWTO_DOMAINS) for d in DOMAINS if d not in CONFLICT_DOMAINS]
@@ -95,7 +97,7 @@ def sft_conversations(n: int, seed: int) -> list[dict]:
         dom = get_domain(rng.choice(turns[i % len(turns)]))
         prompt = dom.sample_prompts(1, rng, "train")[0]
         style = rng.choices(list(dom.sft_mix), weights=list(dom.sft_mix.values()))[0]
-        reply = dom.respond(prompt, style, rng)
+        reply = dom.demonstrate(prompt, style, rng, flattery)
         rows.append({"messages": prompt.messages + [{"role": "assistant", "content": reply}]})
     rng.shuffle(rows)
     return rows

@@ -188,6 +188,39 @@ def _comparisons(n: int = 6) -> list[Comparison]:
     return out
 
 
+def test_flattery_is_off_by_default_and_when_on_marks_only_the_better_replies():
+    """world.flattery_*: a spurious cue an RM learns (the better answers of helpful/detailed pairs open with
+    "Good question.") and the oracle does not pay for: the reward hack the online loop is shown to find."""
+    from data.world.config import WorldConfig
+    from data.world.howto import OPENER
+
+    def opens(text: str) -> bool:
+        return text.startswith(OPENER)
+
+    for d in ("helpful", "detailed", "concise", "math"):
+        assert not any(opens(r["chosen"]) or opens(r["rejected"]) for r in preference_pairs(d, 200, seed=0))
+    assert not any(opens(r["messages"][-1]["content"]) for r in sft_conversations(600, seed=0))
+    # Off, it draws nothing from the rng: the default world is what it was before the option existed.
+    assert preference_pairs("helpful", 50, seed=3) == preference_pairs("helpful", 50, seed=3, flattery=0.0)
+
+    for d in ("helpful", "detailed"):
+        rows = preference_pairs(d, 400, seed=0, flattery=0.5)
+        share = sum(opens(r["chosen"]) for r in rows) / len(rows)
+        assert 0.4 < share < 0.6 and not any(opens(r["rejected"]) for r in rows)
+    assert not any(opens(r["chosen"]) for r in preference_pairs("concise", 200, seed=0, flattery=0.5))
+    helpful, rng = get_domain("helpful"), random.Random(0)
+    demos = [helpful.demonstrate(p, "short", rng, 0.2) for p in make_prompts("helpful", 500, seed=0)]
+    assert 0.15 < sum(map(opens, demos)) / len(demos) < 0.25
+    assert any(opens(r["messages"][-1]["content"]) for r in sft_conversations(600, seed=0, flattery=0.2))
+    # The oracle counts the opener as an irrelevant sentence where sentences count, and as words in concise.
+    prompt = make_prompts("helpful", 1, seed=0)[0]
+    plain = respond(prompt, "short")
+    assert score(prompt, f"{OPENER} {plain}") == pytest.approx(score(prompt, plain) - 0.15)
+    assert "flattering" in styles(prompt)["hack"]
+    with pytest.raises(ValueError, match="flattery"):
+        WorldConfig(flattery_pairs=1.5)
+
+
 def test_programmatic_labeler_and_rows_from_labels():
     comps = _comparisons()
     labels = ProgrammaticLabeler().label(comps)
