@@ -494,6 +494,7 @@ def finish_round(ctx: Context, round_index: int) -> None:
         logger=ctx.run.logger, seed=cfg.run.seed, sft_dir=cfg.policy.path, log_step=state.iteration,
         trainer_overrides=rm_update_overrides(cfg.rm_update_workers),
         policy_versions={"sft": 0, "early": state.snapshot_versions[early], "late": state.policy_version},
+        world=rm_world(cfg),
     ))
     state.round_results.append(dataclasses.asdict(result))
     if result.new_rm_dir and result.new_rm_dir != state.rm_dir:
@@ -565,6 +566,26 @@ def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
     if not out.exists():  # deterministic in the world config, so regenerating gives the RM's exact pairs
         atomic_write_jsonl(out, world_files.train_pairs(WorldConfig(**(data.get("world") or {}))))
     return str(out)
+
+
+def rm_world(cfg: RLHFJobConfig) -> dict:
+    """The world settings (WorldConfig fields, e.g. world.flattery_pairs) the RM's pairs were drawn with, read off
+    the reward job's run directory: its in-job `data.world`, or the world job's config beside `data.world_dir`.
+    {} when there is no such record (the RM was trained on files, or its run directory is elsewhere)."""
+    import yaml
+
+    def section(path: Path, *keys: str) -> dict:
+        node = yaml.safe_load(path.read_text()) if path.is_file() else None
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
+    data = section(Path(cfg.reward.path).parent / "config.yaml", "data")
+    if data.get("train_paths"):
+        return {}
+    if data.get("world_dir"):
+        return section(Path(data["world_dir"]) / "config.yaml", "world")
+    return data.get("world") or {}
 
 
 def evaluate_oracle(ctx: Context, name: str) -> dict:

@@ -182,6 +182,9 @@ class RoundContext:
     # The driver's metrics step for this round's online/ row (W&B drops rows whose step goes backwards).
     log_step: int | None = None
     heldout_pairs_path: str = ""  # held-out preference JSONL for the RM evaluation; "" = world held-out pairs
+    # WorldConfig fields of the world the RM's pairs came from (e.g. flattery_pairs), so the world held-out pairs of
+    # the RM evaluation are drawn from that world
+    world: dict = field(default_factory=dict)
 
     @property
     def round_dir(self) -> Path:
@@ -673,7 +676,9 @@ def heldout_pairs(ctx: RoundContext, domains: list[str]) -> list[PreferencePair]
 
     if ctx.heldout_pairs_path:
         return read_preferences(ctx.heldout_pairs_path)
-    world = WorldConfig(seed=ctx.seed, domains=domains, heldout_pairs_per_domain=ctx.cfg.eval_pairs_per_domain)
+    drawn = {k: v for k, v in ctx.world.items() if k in WorldConfig.__dataclass_fields__
+             and k not in ("seed", "domains", "heldout_pairs_per_domain")}
+    world = WorldConfig(**drawn, seed=ctx.seed, domains=domains, heldout_pairs_per_domain=ctx.cfg.eval_pairs_per_domain)
     return [pair_from_row(r) for r in world_heldout(world)]
 
 

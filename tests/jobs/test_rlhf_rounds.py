@@ -362,3 +362,29 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
     with monkeypatch.context() as m:
         m.setattr(cluster.train, "fit", no_training)
         assert end_of_round(ctx) == result
+
+
+def test_the_rm_evaluation_draws_held_out_pairs_from_the_rms_own_world(tmp_path):
+    """An RM trained on the flattery world is evaluated on that world's held-out pairs, found from the reward job's
+    run directory (data.world_dir -> the world job's config) as the base pairs are."""
+    import yaml
+
+    from data.world.howto import OPENER
+    from jobs.rlhf import RLHFJobConfig, rm_world
+
+    world_dir, rm_run = tmp_path / "world", tmp_path / "reward"
+    world_dir.mkdir()
+    (rm_run / "model").mkdir(parents=True)
+    (world_dir / "config.yaml").write_text(yaml.safe_dump({"world": {"seed": 0, "flattery_pairs": 0.5}}))
+    (rm_run / "config.yaml").write_text(yaml.safe_dump({"data": {"world_dir": str(world_dir)}}))
+    cfg = RLHFJobConfig()
+    cfg.reward.path = str(rm_run / "model")
+    assert rm_world(cfg)["flattery_pairs"] == 0.5
+    (rm_run / "config.yaml").write_text(yaml.safe_dump({"data": {"train_paths": ["pairs.jsonl"]}}))
+    assert rm_world(cfg) == {}
+
+    def chosen_openers(world: dict) -> int:
+        ctx = dataclasses.replace(make_ctx(tmp_path), world=world)
+        return sum(p.chosen.startswith(OPENER) for p in rounds.heldout_pairs(ctx, ["helpful", "detailed"]))
+
+    assert chosen_openers({}) == 0 and chosen_openers({"flattery_pairs": 0.5, "seed": 7}) > 20
