@@ -48,7 +48,8 @@ Deliberate choices where the report is silent (spec 7.3):
   - with labeler=file a pattern is only confirmed by human labels present when the round asks; the unlabelled
     pattern checks join to_label.jsonl, and their labels become slow pairs in a later round;
   - online pairs are repeated in the RM's training data until they make up rm_update.online_share of it (or
-    rm_update.online_repeat times, whichever is more), so a short finetune on a large base set learns them.
+    rm_update.online_repeat times, whichever is more), so a short finetune on a large base set learns them; fast
+    pairs to rm_update.fast_share of their own, since a patch has to outweigh the base pairs that taught the hack.
 """
 from __future__ import annotations
 
@@ -87,6 +88,11 @@ class RMUpdateConfig:
     # before). Online pairs (all rounds so far) are repeated until they are this share of the training pairs ...
     online_share: float = 0.2
     online_repeat: int = 1  # ... or this many times each, whichever is more
+    # Fast-path pairs (every round's) get a share of their own, beside online_share for the slow-path ones: a patch
+    # has to outweigh the base pairs that taught the hack. Sharing online_share with the slow pairs, 60 fast pairs of
+    # a flattery hack were learnt to 0.48 (online_share 0.4: 0.62) and the hack came back (design.md, "Session 7").
+    # 0 = fast pairs count as online pairs.
+    fast_share: float = 0.2
 
     def __post_init__(self) -> None:
         if self.mode not in ("finetune", "retrain"):
@@ -97,6 +103,9 @@ class RMUpdateConfig:
         if not 0.0 <= self.online_share < 1.0:
             raise ValueError(f"online.rm_update.online_share must be in [0, 1) (got {self.online_share}): the share "
                              "of the RM update's training pairs that are online pairs; 0 = online_repeat alone")
+        if not 0.0 <= self.fast_share < 1.0 - self.online_share:
+            raise ValueError(f"online.rm_update.fast_share must be >= 0 and below 1 - online_share (got fast_share="
+                             f"{self.fast_share}, online_share={self.online_share}): base pairs need a share too")
 
     def repeats(self, base: int, online: int) -> int:
         """How many times each of `online` pairs goes into the RM update's data beside `base` base pairs: enough for
@@ -105,6 +114,17 @@ class RMUpdateConfig:
             return self.online_repeat
         wanted = self.online_share / (1.0 - self.online_share) * base / online
         return max(self.online_repeat, round(wanted))
+
+    def repeats_by_path(self, base: int, slow: int, fast: int) -> tuple[int, int]:
+        """(slow repeat, fast repeat): slow-path pairs to online_share and fast-path pairs to fast_share of the
+        whole; without fast pairs or with fast_share 0, both get `repeats(base, slow + fast)`."""
+        if fast == 0 or self.fast_share == 0.0:
+            r = self.repeats(base, slow + fast)
+            return r, r
+        total = base / (1.0 - self.online_share - self.fast_share)
+        slow_r = max(self.online_repeat, round(self.online_share * total / slow)) if slow and self.online_share else \
+            self.online_repeat
+        return slow_r, max(self.online_repeat, round(self.fast_share * total / fast))
 
 
 @dataclass
@@ -592,12 +612,18 @@ def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, i
 
     base = read_preferences(ctx.base_pairs_path) if ctx.base_pairs_path else []
     online: dict[str, PreferencePair] = {}
+    fast_ids: set[str] = set()
     for f in online_pair_files(ctx):
         for lineno, row in read_jsonl(f):
+            if row["pair_id"] not in online and (row.get("lineage") or {}).get("path") == "fast":
+                fast_ids.add(row["pair_id"])
             online.setdefault(row["pair_id"], parse_online_row(row, f, lineno))
-    repeat = ctx.cfg.rm_update.repeats(len(base), len(online))
-    pairs = base + [p for p in online.values() for _ in range(repeat)]
-    return pairs, {"base": len(base), "online": len(online), "online_repeat": repeat}
+    slow = [p for i, p in online.items() if i not in fast_ids]
+    fast = [p for i, p in online.items() if i in fast_ids]
+    slow_r, fast_r = ctx.cfg.rm_update.repeats_by_path(len(base), len(slow), len(fast))
+    pairs = base + [p for p in slow for _ in range(slow_r)] + [p for p in fast for _ in range(fast_r)]
+    return pairs, {"base": len(base), "online": len(online), "online_repeat": slow_r, "fast": len(fast),
+                   "fast_repeat": fast_r}
 
 
 def parse_online_row(row: dict, path: Path, lineno: int) -> PreferencePair:
@@ -648,6 +674,7 @@ def update_rm(ctx: RoundContext) -> dict:
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # optimizer state x RM size; the model is in rm/
     return {"model_dir": str(final), "train_pairs": stats.pairs, "train_base_pairs": counts["base"],
             "train_online_pairs": counts["online"], "train_online_repeat": counts["online_repeat"],
+            "train_fast_pairs": counts["fast"], "train_fast_repeat": counts["fast_repeat"],
             "dropped_too_long": stats.too_long,
             "train_steps": result.steps, "final_loss": result.final_loss,
             "train_seconds": round(time.time() - started, 2)}

@@ -220,6 +220,13 @@ def test_online_pairs_are_repeated_to_their_share_of_the_rm_update():
     assert RMUpdateConfig(online_share=0.0, online_repeat=3).repeats(8000, 89) == 3
     assert RMUpdateConfig(online_share=0.2).repeats(8000, 0) == 1
     assert RMUpdateConfig(online_share=0.2).repeats(10, 500) == 1  # already more than the share: never below 1
+    # Fast pairs get their own share: 8000 base = 60 % of 13,333; slow 20 % = 2,667 / 89 = 30; fast 2,667 / 60 = 44.
+    assert RMUpdateConfig(online_share=0.2, fast_share=0.2).repeats_by_path(8000, 89, 60) == (30, 44)
+    assert RMUpdateConfig(online_share=0.2, fast_share=0.2).repeats_by_path(8000, 89, 0) == (22, 22)  # as before
+    assert RMUpdateConfig(online_share=0.2, fast_share=0.0).repeats_by_path(8000, 29, 60) == (22, 22)  # one pool
+    assert RMUpdateConfig(online_share=0.0, fast_share=0.2).repeats_by_path(8000, 89, 60) == (1, 33)
+    with pytest.raises(ValueError, match="fast_share"):
+        RMUpdateConfig(online_share=0.5, fast_share=0.5)
     with pytest.raises(ValueError, match="online_share must be in"):
         RMUpdateConfig(online_share=1.0)
 
