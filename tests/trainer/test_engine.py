@@ -73,8 +73,11 @@ def test_accumulating_two_half_batches_equals_one_full_batch(packed_corpus, tiny
     acc, out_acc = _one_step(_task(packed_corpus, tiny_dir, 4), _cfg(micro_batch_size=4, grad_accum=2))
     assert acc.global_step == full.global_step == 1 and acc.micro_steps == 2
     assert out_acc.grad_norm == pytest.approx(out_full.grad_norm, rel=1e-4)
+    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, the order in which two half-batches are summed
+    # moves an element's update by a fraction of lr (up to 4e-5 of the 1e-2 step on one CPU, 3 elements in 45,056),
+    # so weights agree to 1 % of a step; a wrong accumulation flips or halves whole steps (and the grad norm above).
     for (name, a), b in zip(acc.module.state_dict().items(), full.module.state_dict().values()):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_reported_grad_norm_is_the_global_norm_before_clipping(packed_corpus, tiny_dir):
