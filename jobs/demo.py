@@ -2,7 +2,7 @@
 
     make demo            # == python jobs/demo.py: the whole chain
     python jobs/demo.py stages=[data,pretrain,world,sft]   # a prefix of the chain
-    python jobs/demo.py overrides.rlhf=[rounds=1]          # extra overrides for one stage
+    python jobs/demo.py 'overrides.rlhf=["rounds=1"]'      # extra overrides for one stage (quoted: they hold '=')
 
 Each stage is the real job (`jobs/<stage>.py`) run through the same config loading and run-dir contract as its
 CLI, into `<run.root>/<run.name>/<stage>/`; later stages read earlier stages' `summary.json`. The demo's own
@@ -37,8 +37,9 @@ class DemoJobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    # Extra Hydra overrides per stage, e.g. overrides.sft=[trainer.max_steps=50]
-    overrides: dict[str, list[str]] = field(default_factory=dict)
+    # Extra Hydra overrides per stage, e.g. 'overrides.sft=["trainer.max_steps=50"]' (each quoted, since it holds
+    # '='). Every stage has an entry, so overrides.<stage>=... needs no '+'.
+    overrides: dict[str, list[str]] = field(default_factory=lambda: {stage: [] for stage in CHAIN})
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in CHAIN]

@@ -55,3 +55,16 @@ def test_recap_prints_rlhf_gain_report_and_served_answer(capsys):
     })
     out = capsys.readouterr().out
     assert "0.400 (SFT) -> 0.550 (after 3 rounds) (gain +0.150 +- 0.017) [greedy 0.700 -> 0.750]" in out and "KL 0.500 (k3)" in out and "[0.6, None, 0.75]" in out and "/runs/demo/eval/report.md" in out and "'Hello.'" in out
+
+
+def test_extra_overrides_for_one_stage_take_the_documented_form():
+    """README: `'overrides.rlhf=["rounds=1"]'`: every stage has an entry (no '+' needed); unquoted, the '=' inside
+    a list element is a Hydra grammar error."""
+    from jobs.common import ConfigError
+
+    cfg = load_config("demo", demo.DemoJobConfig, ['overrides.rlhf=["rounds=1"]',
+                                                   'overrides.world=["world.flattery_pairs=0.5","world.flattery_sft=0.1"]'])
+    assert cfg.overrides["rlhf"] == ["rounds=1"] and cfg.overrides["world"][0] == "world.flattery_pairs=0.5"
+    assert cfg.overrides["sft"] == [] and set(cfg.overrides) == set(demo.CHAIN)
+    with pytest.raises(ConfigError):
+        load_config("demo", demo.DemoJobConfig, ["overrides.rlhf=[rounds=1]"])
