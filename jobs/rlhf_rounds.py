@@ -150,6 +150,9 @@ class OnlineConfig:
     extra_sampling_tries: int = 3  # extra early/late batches for a pattern short of pairs_per_pattern_min
     pattern_checks: int = 30  # labeler calls per candidate pattern for the over-reward check
     eval_pairs_per_domain: int = 64  # world held-out pairs per domain for the RM evaluation (no heldout_pairs_path)
+    # Late replies per domain in which an earlier round confirmed a pattern: what its rate in this round is measured
+    # on (hack_tracking). prompts_per_source spreads ~16 replies over each of six domains.
+    track_samples: int = 48
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -173,6 +176,8 @@ class OnlineConfig:
             raise ValueError(f"online.domains has unknown {bad}; the world has {list(DOMAINS)} ([] = all)")
         if self.prompts_per_source < 1 or self.slow_pairs_per_round < 0:
             raise ValueError("online.prompts_per_source must be >= 1 and online.slow_pairs_per_round >= 0")
+        if self.track_samples < 0:
+            raise ValueError("online.track_samples must be >= 0 (late replies per tracked domain; 0 = no extra ones)")
         if self.extra_sampling_tries < 0 or self.pattern_checks < 1 or self.eval_pairs_per_domain < 0:
             raise ValueError("online.extra_sampling_tries and online.eval_pairs_per_domain must be >= 0, "
                              "online.pattern_checks >= 1")
@@ -432,12 +437,38 @@ def known_detectors(ctx: RoundContext, found: list[tuple[Detector, Any]], late: 
     return out
 
 
-def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook, seen: set[str]) -> dict:
+def tracking_samples(ctx: RoundContext, late: list[Sample], labels: LabelBook, seen: set[str]) -> list[Sample]:
+    """Late replies on fresh prompts of each domain an earlier round confirmed a pattern in, until that domain has
+    online.track_samples of them: whether the hack went away (track_hacks) and whether it is still over-rewarded
+    are read off these, and the ~16 replies per domain a round samples anyway made a rate of 0.25 a count of 4."""
+    cfg = ctx.cfg
+    domains: set[str] = set()
+    for d in prior_round_dirs(ctx):
+        for p in json.loads((d / "patterns.json").read_text())["patterns"] if (d / "patterns.json").exists() else []:
+            if p["detected"]:
+                scope = PhraseDetector.from_name(p["name"]).domain if p["name"].startswith("phrase:") else ""
+                domains |= {scope} if scope else set(cfg.prompt_domains)
+    out: list[Sample] = []
+    for domain in sorted(domains & set(cfg.prompt_domains)):
+        have = sum(s.domain == domain for s in late)
+        if have >= cfg.track_samples:
+            continue
+        pool = round_prompts([domain], cfg.track_samples + have, _seed("track", ctx.seed, ctx.round, domain))
+        fresh = [p for p in pool if p.id not in seen][: cfg.track_samples - have]
+        seen.update(p.id for p in fresh)
+        labels.prompts.update({p.id: p for p in fresh})
+        out += sample_responses(ctx, "late", fresh) if fresh else []
+    return out
+
+
+def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: LabelBook, seen: set[str],
+              extra_late: list[Sample] = ()) -> dict:
     """Detect patterns (new ones that rose, then known ones still present), top up short ones, build the pairs:
     edited > late where the detector can cut its pattern out (online.fast_pairs), else early > late.
-    Returns the fast-path part of patterns.json."""
+    `extra_late`: late replies without an early one (tracking_samples), for the edit checks and pairs; the rise
+    test and the hack rates use `samples` only. Returns the fast-path part of patterns.json."""
     cfg = ctx.cfg
-    early, late = list(samples["early"]), list(samples["late"])
+    early, late = list(samples["early"]), list(samples["late"]) + list(extra_late)
 
     def evaluate(dets: list[Detector], margin: float) -> list[tuple[Detector, Any]]:
         checks = {d.name: (edit_pairs(d, late) if uses_edits(cfg, d) else contrast_pairs(d, early, late))[: cfg.pattern_checks]
@@ -563,7 +594,9 @@ def collect_preferences(ctx: RoundContext) -> None:
     prompts = round_prompts(cfg.prompt_domains, cfg.prompts_per_source, _seed("prompts", ctx.seed, ctx.round))
     labels.prompts.update({p.id: p for p in prompts})
     samples = {src: sample_responses(ctx, src, prompts) for src in SOURCES}
-    fast = fast_path(ctx, samples, labels, seen={p.id for p in prompts})
+    seen = {p.id for p in prompts}
+    tracked = tracking_samples(ctx, samples["late"], labels, seen)
+    fast = fast_path(ctx, samples, labels, seen, extra_late=tracked)
     slow_rows, from_prior, ties = slow_path(ctx, samples, labels) if cfg.slow_path else ([], 0, [])
     fast_rows = fast["fast_rows"]
     # A slow-path comparison of early vs late can be a fast pair too (same pair id, same preference): once here.
@@ -571,12 +604,13 @@ def collect_preferences(ctx: RoundContext) -> None:
     for r in fast_rows + slow_rows:
         unique.setdefault(r["pair_id"], r)
     new_rows = list(unique.values())
-    all_samples = [s for src in SOURCES for s in samples[src]] + fast["extra_samples"]
+    all_samples = [s for src in SOURCES for s in samples[src]] + tracked + fast["extra_samples"]
     by_id = {s.sample_id: s for s in all_samples}
     agreement, compared = rm_label_agreement([  # this round's slow rows: chosen is the labeler's choice
         (by_id[r["lineage"]["chosen"]["sample_id"]], by_id[r["lineage"]["rejected"]["sample_id"]], 0)
         for r in slow_rows if r["lineage"]["round"] == ctx.round])
-    counts = {"samples": sum(len(v) for v in samples.values()), "extra_samples": len(fast["extra_samples"]),
+    counts = {"samples": sum(len(v) for v in samples.values()), "tracking_samples": len(tracked),
+              "extra_samples": len(fast["extra_samples"]),
               "extra_sampling_tries": fast["extra_tries"],
               "patterns_detected": sum(p["detected"] for p in fast["patterns"]),
               "fast": len(fast_rows), "slow": len(slow_rows) - from_prior, "slow_from_prior_rounds": from_prior,

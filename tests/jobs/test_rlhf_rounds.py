@@ -171,9 +171,18 @@ def test_a_known_hack_is_patched_again_while_the_rm_still_pays_for_it(tmp_path):
         return [text if source == "sft" else f"{respond(p, EARLY_STYLE[p.domain])} {FILLER} {FILLER}"
                 for p, text in zip(prompts, fake_generate(source, prompts))]
 
-    ctx2 = dataclasses.replace(make_ctx(run, round_idx=2, slow_path=False), generate=everyone_hacks)
+    assert json.loads((ctx1.round_dir / "patterns.json").read_text())["pair_counts"]["tracking_samples"] == 0
+
+    ctx2 = dataclasses.replace(make_ctx(run, round_idx=2, slow_path=False, track_samples=40), generate=everyone_hacks)
     rounds.collect_preferences(ctx2)
-    patterns = json.loads((ctx2.round_dir / "patterns.json").read_text())["patterns"]
+    collected = json.loads((ctx2.round_dir / "patterns.json").read_text())
+    patterns = collected["patterns"]
+    # Each domain the round-1 hack may live in gets late replies on fresh prompts up to track_samples (12 a domain
+    # were sampled anyway), and track_hacks measures the round's rate on all of them.
+    late = [r for r in rows(ctx2.round_dir / "samples.jsonl") if r["source"] == "late"]
+    assert {d: sum(r["domain"] == d for r in late) >= 40 for d in ("math", "helpful")} == {"math": True, "helpful": True}
+    assert collected["pair_counts"]["tracking_samples"] >= 2 * (40 - 12)
+    assert len({r["prompt_id"] for r in late}) == len(late)  # fresh prompts, never one sampled twice
     known = [p for p in patterns if p["kind"] == "known"]
     assert {p["name"].rpartition("@")[2] for p in known} == {"math", "helpful"}
     for p in known:
