@@ -4,7 +4,8 @@ RM update on base + all new pairs, evaluation, and lineage on disk (spec cool-rl
 Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...)).
 
   1. prompts_per_source train prompts spread over online.domains (seeded by run seed and round); SFT, early and
-     late responses from ctx.generate, scored by ctx.rm_score and the world's oracle -> Samples with lineage
+     late responses from ctx.generate, scored by ctx.rm_score and the world's oracle -> Samples with lineage; in
+     each domain where an earlier round confirmed a pattern, late responses on fresh prompts up to track_samples
   2. fast path: static detectors (fitted on SFT + early) and one PhraseDetector per rising phrase; a detector is a
      pattern when its rate rises by rise_margin and the labeler disagrees with the RM on >= half of the checked
      pairs: edit pairs (the late reply with the pattern cut out vs the late reply) where the detector can cut its
