@@ -420,13 +420,17 @@ def scored_edits(ctx: RoundContext, labels: LabelBook, edits: list[tuple[Sample,
             for (e, o), r in zip(edits, rm)]
 
 
+def confirmed_earlier(ctx: RoundContext) -> list[str]:
+    """Names of the patterns earlier rounds confirmed (detected), in round order."""
+    return [p["name"] for d in prior_round_dirs(ctx) if (d / "patterns.json").exists()
+            for p in json.loads((d / "patterns.json").read_text())["patterns"] if p["detected"]]
+
+
 def known_detectors(ctx: RoundContext, found: list[tuple[Detector, Any]], late: list[Sample]) -> list[Detector]:
     """A phrase confirmed as a hack (in an earlier round, or this round in one domain) checked again in every domain
     where this round's late responses show it, rising or not: a patch that did not take, or a hack that spread to a
     domain where it never rose past the margin within one round, is still over-rewarded and gets pairs again."""
-    names = [p["name"] for d in prior_round_dirs(ctx) if (d / "patterns.json").exists()
-             for p in json.loads((d / "patterns.json").read_text())["patterns"] if p["detected"]]
-    names += [det.name for det, pat in found if pat.detected]
+    names = confirmed_earlier(ctx) + [det.name for det, pat in found if pat.detected]
     phrases = dict.fromkeys(PhraseDetector.from_name(n).phrase for n in names if n.startswith("phrase:"))
     evaluated = {det.name for det, _ in found}
     out = []
@@ -444,11 +448,9 @@ def tracking_samples(ctx: RoundContext, late: list[Sample], labels: LabelBook, s
     are read off these, and the ~16 replies per domain a round samples anyway made a rate of 0.25 a count of 4."""
     cfg = ctx.cfg
     domains: set[str] = set()
-    for d in prior_round_dirs(ctx):
-        for p in json.loads((d / "patterns.json").read_text())["patterns"] if (d / "patterns.json").exists() else []:
-            if p["detected"]:
-                scope = PhraseDetector.from_name(p["name"]).domain if p["name"].startswith("phrase:") else ""
-                domains |= {scope} if scope else set(cfg.prompt_domains)
+    for name in confirmed_earlier(ctx):
+        scope = PhraseDetector.from_name(name).domain if name.startswith("phrase:") else ""
+        domains |= {scope} if scope else set(cfg.prompt_domains)
     out: list[Sample] = []
     for domain in sorted(domains & set(cfg.prompt_domains)):
         have = sum(s.domain == domain for s in late)
