@@ -95,6 +95,34 @@ def test_processed_logprobs_agree_with_transformers_warpers():
         torch.testing.assert_close(processed_logprobs(logits, t, k, p), torch.log_softmax(scores, -1))
 
 
+def test_top_p_from_candidates_matches_the_full_sort():
+    from actors.rollout import TOP_P_CANDIDATES, _top_p_mask_sorted, top_p_mask
+
+    g = torch.Generator().manual_seed(1)
+    # Peaked rows are settled by the top candidates; flat rows (scale 0.1: the nucleus spans most of the vocabulary)
+    # need the sort. Mixing both in one batch checks that each row takes its own path.
+    rows = torch.cat([torch.randn(20, 1000, generator=g) * 8, torch.randn(20, 1000, generator=g) * 0.1])
+    rows = rows[torch.randperm(40, generator=g)].reshape(4, 10, 1000)
+    for p in (0.3, 0.9, 0.99):
+        fast, full = top_p_mask(rows, p), _top_p_mask_sorted(rows, p)
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(full))
+        assert torch.equal(fast[torch.isfinite(fast)], full[torch.isfinite(full)])
+    kept = torch.isfinite(top_p_mask(rows, 0.9)).sum(-1).flatten()
+    assert (kept < TOP_P_CANDIDATES).any() and (kept > TOP_P_CANDIDATES).any()  # both paths were taken
+
+
+def test_sampling_draws_the_tokens_torch_multinomial_would():
+    """The engine's batched sampler must reproduce torch.multinomial with the same per-prompt generators."""
+    logprobs = processed_logprobs(torch.randn(8, 500, generator=torch.Generator().manual_seed(2)) * 3, 1.0, 0, 0.9)
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(8)]
+        got = HFRolloutEngine._sample(logprobs, False, gens)
+        gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(8)]
+        want = torch.stack([torch.multinomial(logprobs[i].exp(), 1, generator=gen)[0] for i, gen in enumerate(gens)])
+        assert torch.equal(got, want)
+        assert torch.isfinite(logprobs.gather(-1, got[:, None])).all()  # never a token outside the nucleus
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
