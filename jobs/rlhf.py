@@ -445,6 +445,10 @@ def run_rounds(ctx: Context) -> dict:
             continue
         if state.iteration >= cfg.total_iterations:
             break
+        if state.round_results and not state.round_results[-1].get("rm_updated", True):
+            # a finished run resumed with more rounds: its last round skipped the RM update, which is due now
+            finish_round(ctx, len(state.round_results), again=True)
+            save_checkpoint(ctx)
         metrics = ppo_iteration(ctx)
         state.iteration += 1
         state.last_metrics = metrics
@@ -471,11 +475,15 @@ def take_snapshot(ctx: Context, name: str) -> str:
     return out
 
 
-def finish_round(ctx: Context, round_index: int) -> None:
-    """Online step of a round (fast + slow path, RM update) and the reward role's reload with the new RM."""
+def finish_round(ctx: Context, round_index: int, again: bool = False) -> None:
+    """Online step of a round (fast + slow path, RM update) and the reward role's reload with the new RM.
+    `again`: the round's result is in the state already (its RM update was skipped as the last round's); it is
+    replaced by the one with the update."""
     from jobs.rlhf_rounds import RoundContext, end_of_round
 
     cfg, state, roles = ctx.cfg, ctx.state, ctx.roles
+    if again:
+        state.round_results.pop()
     late = f"r{round_index}/late"
     take_snapshot(ctx, late)
     early = f"r{round_index}/early" if f"r{round_index}/early" in state.snapshots else late
@@ -494,7 +502,7 @@ def finish_round(ctx: Context, round_index: int) -> None:
         logger=ctx.run.logger, seed=cfg.run.seed, sft_dir=cfg.policy.path, log_step=state.iteration,
         trainer_overrides=rm_update_overrides(cfg.rm_update_workers),
         policy_versions={"sft": 0, "early": state.snapshot_versions[early], "late": state.policy_version},
-        world=rm_world(cfg),
+        world=rm_world(cfg), last=round_index == cfg.rounds,
     ))
     state.round_results.append(dataclasses.asdict(result))
     if result.new_rm_dir and result.new_rm_dir != state.rm_dir:
@@ -528,9 +536,10 @@ def reload_reward(ctx: Context, rm_dir: str) -> None:
 def log_round(ctx: Context, round_index: int, result) -> None:
     """`end_of_round` logs the online/ metrics and the pattern table itself; the console gets the gist."""
     names = [p.get("name", "?") for p in result.patterns if p.get("detected", True)]
+    rm = (f"new RM {result.new_rm_dir}" if result.rm_updated else
+          "no RM update after the last round (online.rm_update.after_last_round=true trains one)")
     print(f"round {round_index}: hack pattern(s) {names}, pairs {result.pair_counts}, hack rate early "
-          f"{result.hack_rate_early:.3f} -> late {result.hack_rate_late:.3f}, new RM {result.new_rm_dir}",
-          file=sys.stderr)
+          f"{result.hack_rate_early:.3f} -> late {result.hack_rate_late:.3f}, {rm}", file=sys.stderr)
 
 
 def resolve_base_pairs(cfg: RLHFJobConfig, run_dir: Path) -> str:
@@ -729,6 +738,8 @@ def finish_run(ctx: Context) -> dict:
         # How often the RM PPO optimised against agreed with the labeler on the policy's own replies, per round.
         "rm_label_agreement_by_round": [r["pair_counts"].get("rm_label_agreement") for r in state.round_results],
         "rm_dirs": [r["new_rm_dir"] for r in state.round_results],
+        # False for a round that trained no RM (the last one, unless online.rm_update.after_last_round)
+        "rm_updated_by_round": [r.get("rm_updated", True) for r in state.round_results],
         "rounds": len(state.round_results),
         "iterations": state.iteration,
         "seconds_all_attempts": round(state.seconds + time.time() - ctx.started, 2),

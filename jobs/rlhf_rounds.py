@@ -94,6 +94,11 @@ class RMUpdateConfig:
     # a flattery hack were learnt to 0.48 (online_share 0.4: 0.62) and the hack came back (design.md, "Session 7").
     # 0 = fast pairs count as online pairs.
     fast_share: float = 0.2
+    # The last round's RM would patch a PPO round that never comes: by default that round collects, labels, saves
+    # and evaluates its pairs against the RM it ran with, and trains none (a third of a 3-round run's RM time). True
+    # trains it anyway, e.g. to carry the patched RM into a follow-up run; a run resumed with more rounds trains the
+    # skipped update before its next round.
+    after_last_round: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("finetune", "retrain"):
@@ -211,6 +216,7 @@ class RoundContext:
     # WorldConfig fields of the world the RM's pairs came from (e.g. flattery_pairs), so the world held-out pairs of
     # the RM evaluation are drawn from that world
     world: dict = field(default_factory=dict)
+    last: bool = False  # the run's last round (its RM update is skipped unless online.rm_update.after_last_round)
 
     @property
     def round_dir(self) -> Path:
@@ -226,6 +232,7 @@ class RoundResult:
     hack_rate_late: float
     rm_eval: dict
     pairs_path: str
+    rm_updated: bool = True  # False: the last round's update was skipped, new_rm_dir is the RM the round ran with
 
 
 # ---------------------------------------------------------------------------------------------- the round
@@ -233,8 +240,12 @@ class RoundResult:
 
 def end_of_round(ctx: RoundContext) -> RoundResult:
     rdir = ctx.round_dir
+    update = not ctx.last or ctx.cfg.rm_update.after_last_round
     if (rdir / "round.json").exists():
-        return RoundResult(**json.loads((rdir / "round.json").read_text()))
+        done = RoundResult(**json.loads((rdir / "round.json").read_text()))
+        if done.rm_updated or not update:
+            return done
+        # a run extended past what was its last round: the update that was skipped is due now
     _check_context(ctx)
     seconds: dict[str, float] = {}  # wall time of each step of the round, logged as online/rm/seconds_<step>
     started = time.time()
@@ -242,15 +253,15 @@ def end_of_round(ctx: RoundContext) -> RoundResult:
         collect_preferences(ctx)
     collected = json.loads((rdir / "patterns.json").read_text())
     seconds["seconds_collect"], started = round(time.time() - started, 2), time.time()
-    trained = update_rm(ctx)
+    trained = update_rm(ctx) if update else {"model_dir": ctx.rm_dir}
     seconds["seconds_rm_update"], started = round(time.time() - started, 2), time.time()
-    rm_eval = evaluate_round(ctx, trained)
+    rm_eval = evaluate_round(ctx, trained if update else None)
     rm_eval.update(seconds, seconds_rm_eval=round(time.time() - started, 2))
     result = RoundResult(
         new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]],
         pair_counts=collected["pair_counts"],
         hack_rate_early=collected["hack_rate_early"], hack_rate_late=collected["hack_rate_late"],
-        rm_eval=rm_eval, pairs_path=str(rdir / "pairs.jsonl"),
+        rm_eval=rm_eval, pairs_path=str(rdir / "pairs.jsonl"), rm_updated=update,
     )
     log_round(ctx, result)
     atomic_write_json(rdir / "round.json", dataclasses.asdict(result))
@@ -762,13 +773,14 @@ def rm_accuracies(model_dirs: dict[str, str], sets: dict[str, list[PreferencePai
     return out
 
 
-def evaluate_round(ctx: RoundContext, trained: dict) -> dict:
-    """Old vs new RM on held-out pairs (per domain), on this round's fast pairs and on its slow pairs.
+def evaluate_round(ctx: RoundContext, trained: dict | None) -> dict:
+    """Old vs new RM on held-out pairs (per domain), on this round's fast pairs and on its slow pairs; the old RM
+    alone (`*_acc_after` None) when the round trained none (`trained` None).
 
     Runs as one Ray task with the RM trainer's per-worker resources (a GPU on a cluster), not in the driver."""
     import ray
 
-    rm_cfg = registry_of(trained["model_dir"])
+    rm_cfg = registry_of(trained["model_dir"] if trained else ctx.rm_dir)
     domains = [d for d in ctx.cfg.prompt_domains if d in rm_cfg.domains]
     sets = {"heldout": heldout_pairs(ctx, domains)}
     for kind in ("fast", "slow"):
@@ -776,13 +788,13 @@ def evaluate_round(ctx: RoundContext, trained: dict) -> dict:
         sets[f"{kind}_pairs"] = [parse_online_row(row, ctx.round_dir / f"{kind}_pairs.jsonl", n) for n, row in rows]
     tcfg = trainer_config(ctx)
     task = ray.remote(rm_accuracies).options(num_cpus=tcfg.cpus_per_worker, num_gpus=tcfg.gpus_per_worker)
-    acc = ray.get(task.remote({"before": ctx.rm_dir, "after": trained["model_dir"]}, sets,
-                              "cuda" if tcfg.use_gpu else "cpu"))
-    out: dict[str, Any] = {k: v for k, v in trained.items() if k != "model_dir"}
+    models = {"before": ctx.rm_dir, **({"after": trained["model_dir"]} if trained else {})}
+    acc = ray.get(task.remote(models, sets, "cuda" if tcfg.use_gpu else "cpu"))
+    out: dict[str, Any] = {k: v for k, v in (trained or {}).items() if k != "model_dir"}
     for set_name, pairs in sets.items():
         out["heldout_pairs" if set_name == "heldout" else set_name] = len(pairs)
         for when in ("before", "after"):
-            got = acc[when].get(set_name)
+            got = acc.get(when, {}).get(set_name)
             out[f"{set_name}_acc_{when}"] = got["accuracy"] if got else None
             if set_name == "heldout" and got:
                 out.update({f"heldout_acc_{when}/{d}": a for d, a in got["by_domain"].items()})

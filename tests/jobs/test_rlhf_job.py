@@ -60,7 +60,8 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     # 8 new tokens cannot hold the world's best answers: the job says so, names the budget that would, and reports
     # the share of sampled held-out answers the budget cut off.
     need = summary["reference_answer_tokens_max"]
-    assert need > 8 and f"raise rollout.sampling.max_new_tokens to at least {need}" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert need > 8 and f"raise rollout.sampling.max_new_tokens to at least {need}" in err
     for name in ("sft", "final"):
         sampled = [json.loads(line) for line in Path(summary["heldout_samples"][name]).read_text().splitlines()]
         sampled = [a for a in sampled if a["decoding"] == "sampled"]
@@ -82,10 +83,32 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(summary["model_dir"]).config.vocab_size > 0
-    state = json.loads((Path(summary["run_dir"]) / "checkpoints" /
-                        (Path(summary["run_dir"]) / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
-    assert len(state["round_results"]) == 1 and state["rm_dir"] == state["round_results"][0]["new_rm_dir"]
-    assert Path(state["rm_dir"]).is_dir() and state["rm_dir"] != rlhf_inputs["rm"]  # the RM role was reloaded
+
+    def last_state(run_dir: str) -> dict:
+        latest = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+        return json.loads((Path(run_dir) / "checkpoints" / latest / "state.json").read_text())
+
+    # The only round is the last: its pairs are labelled and saved and the RM it ran with is evaluated on them, but no
+    # RM is trained for a PPO round that never comes.
+    state = last_state(summary["run_dir"])
+    (done,) = state["round_results"]
+    rdir = Path(summary["run_dir"]) / "rounds" / "round_1"
+    assert not done["rm_updated"] and done["new_rm_dir"] == state["rm_dir"] == rlhf_inputs["rm"]
+    assert (rdir / "pairs.jsonl").exists() and (rdir / "patterns.json").exists() and not (rdir / "rm").exists()
+    assert done["rm_eval"]["heldout_acc_before"] is not None and done["rm_eval"]["heldout_acc_after"] is None
+    assert summary["rm_updated_by_round"] == [False]
+    assert "no RM update after the last round" in err
+
+    # Resumed with one more round, the run first trains the update it skipped, reloads the RM role with it, and
+    # goes on with round 2 (now the last, so again without an update).
+    more = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "smoke", "rounds=2",
+                                                       "iterations_per_round=2", "ppo.epochs=2"))
+    extended = json.loads(execute("rlhf", more, main).read_text())
+    state = last_state(extended["run_dir"])
+    assert extended["iterations"] == 4 and extended["rm_updated_by_round"] == [True, False]
+    assert state["rm_dir"] == str(rdir / "rm") and (rdir / "rm" / "reward_config.json").exists()
+    assert state["round_results"][0]["rm_eval"]["heldout_acc_after"] is not None
+    assert [r["new_rm_dir"] for r in state["round_results"]] == [str(rdir / "rm")] * 2
 
 
 def test_a_placement_that_cannot_fit_fails_before_any_model_loads(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
