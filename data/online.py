@@ -313,17 +313,19 @@ def over_reward(pairs: list[tuple[Sample, Sample]], prefer: Callable[[Sample, Sa
 def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30, edits: list[tuple[Sample, Sample]] | None = None,
+    over_threshold: float = 0.5,
 ) -> Pattern:
     """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check: on `edits` (RM-scored
-    `edit_pairs`) when given, else on the early-vs-late contrasting prompts. `margin=0` checks a known pattern
-    (found in an earlier round or another domain) for being over-rewarded still, whether or not it rose."""
+    `edit_pairs`) when given, else on the early-vs-late contrasting prompts; detected when the RM gets at least
+    `over_threshold` of the checked pairs backwards. `margin=0` checks a known pattern (found in an earlier round or
+    another domain) for being over-rewarded still, whether or not it rose."""
     early_s, late_s = in_scope(det, early), in_scope(det, late)
     r_early = sum(det.flags(s) for s in early_s) / max(len(early_s), 1)
     r_late = sum(det.flags(s) for s in late_s) / max(len(late_s), 1)
     pairs, check = (edits, "edit") if edits else (contrast_pairs(det, early, late), "contrast")
     over_rate, checked = over_reward(pairs, prefer, max_checks)
     rose = (r_late - r_early) >= margin if margin > 0 else r_late > 0
-    detected = rose and checked > 0 and over_rate >= 0.5
+    detected = rose and checked > 0 and over_rate >= over_threshold
     return Pattern(det.name, r_early, r_late, over_rate, checked, [s.response[:200] for _, s in pairs[:3]], detected,
                    check)
 

@@ -159,6 +159,10 @@ class OnlineConfig:
     # Late replies per domain in which an earlier round confirmed a pattern: what its rate in this round is measured
     # on (hack_tracking). prompts_per_source spreads ~16 replies over each of six domains.
     track_samples: int = 48
+    # A new pattern is a hack when the RM gets at least half of its checks backwards. A known one (confirmed earlier,
+    # or in another domain) is patched again while the RM still gets this share backwards: a patch that leaves the RM
+    # paying for a confirmed hack on a third of the policy's replies is not done.
+    known_over_reward: float = 0.25
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -182,6 +186,9 @@ class OnlineConfig:
             raise ValueError(f"online.domains has unknown {bad}; the world has {list(DOMAINS)} ([] = all)")
         if self.prompts_per_source < 1 or self.slow_pairs_per_round < 0:
             raise ValueError("online.prompts_per_source must be >= 1 and online.slow_pairs_per_round >= 0")
+        if not 0.0 < self.known_over_reward <= 1.0:
+            raise ValueError(f"online.known_over_reward must be in (0, 1] (got {self.known_over_reward}): the share of a "
+                             "known pattern's checks the RM must get backwards for it to be patched again")
         if self.track_samples < 0:
             raise ValueError("online.track_samples must be >= 0 (late replies per tracked domain; 0 = no extra ones)")
         if self.extra_sampling_tries < 0 or self.pattern_checks < 1 or self.eval_pairs_per_domain < 0:
@@ -484,7 +491,7 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
     cfg = ctx.cfg
     early, late = list(samples["early"]), list(samples["late"]) + list(extra_late)
 
-    def evaluate(dets: list[Detector], margin: float) -> list[tuple[Detector, Any]]:
+    def evaluate(dets: list[Detector], margin: float, threshold: float) -> list[tuple[Detector, Any]]:
         checks = {d.name: (edit_pairs(d, late) if uses_edits(cfg, d) else contrast_pairs(d, early, late))[: cfg.pattern_checks]
                   for d in dets}
         edited = [pair for d in dets if uses_edits(cfg, d) for pair in checks[d.name]]
@@ -492,10 +499,11 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
         checks = {d.name: [next(scored) for _ in checks[d.name]] if uses_edits(cfg, d) else checks[d.name] for d in dets}
         labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
         return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
-                                     edits=checks[d.name] if uses_edits(cfg, d) else None)) for d in dets]
+                                     edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold))
+                for d in dets]
 
-    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin)
-    known = evaluate(known_detectors(ctx, found, late), 0.0)
+    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5)
+    known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward)
     kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
     kinds.update({det.name: "known" for det, _ in known})
     found += known

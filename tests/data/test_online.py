@@ -210,3 +210,14 @@ def test_sample_row_round_trip_and_foreign_rows_rejected():
     assert Sample.from_row(s.to_row()) == s
     with pytest.raises(ValueError, match="unknown keys \\['chosen'\\]"):
         Sample.from_row({**s.to_row(), "chosen": "x"})
+
+
+def test_a_known_pattern_is_patched_again_while_the_rm_still_pays_for_it_on_a_share_of_checks():
+    det = PhraseDetector(("good", "question", "."), domain="helpful")
+    late = [_s(str(i), f"Good question. Wash cup {i}.", rm=1.0) for i in range(3)]
+    # After a patch the RM prefers the reply without the opener on two of three prompts (0.2, 0.3 above it), and
+    # still pays for the opener on the third (0.8 below it).
+    scored = [(dataclasses.replace(e, rm_score=s), o) for (e, o), s in zip(edit_pairs(det, late), (1.2, 1.3, 0.2))]
+    half = evaluate_pattern(det, late, late, lambda a, b: 0, margin=0.0, edits=scored)
+    assert (half.over_reward_rate, half.checked, half.detected) == (pytest.approx(1 / 3), 3, False)
+    assert evaluate_pattern(det, late, late, lambda a, b: 0, margin=0.0, edits=scored, over_threshold=0.25).detected
