@@ -271,6 +271,7 @@ class Pattern:
     examples: list[str]
     detected: bool
     check: str = "contrast"  # which pairs the over-reward rate was measured on: "contrast" (early vs late) | "edit"
+    rate_sft: float | None = None  # the SFT policy's rate, when its replies were given (the rise counts from it too)
 
 
 def hack_rate(samples: list[Sample], detectors: Iterable[Detector]) -> float:
@@ -313,21 +314,27 @@ def over_reward(pairs: list[tuple[Sample, Sample]], prefer: Callable[[Sample, Sa
 def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30, edits: list[tuple[Sample, Sample]] | None = None,
-    over_threshold: float = 0.5,
+    over_threshold: float = 0.5, sft: list[Sample] | None = None,
 ) -> Pattern:
     """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check: on `edits` (RM-scored
     `edit_pairs`) when given, else on the early-vs-late contrasting prompts; detected when the RM gets at least
-    `over_threshold` of the checked pairs backwards. `margin=0` checks a known pattern (found in an earlier round or
-    another domain) for being over-rewarded still, whether or not it rose."""
-    early_s, late_s = in_scope(det, early), in_scope(det, late)
-    r_early = sum(det.flags(s) for s in early_s) / max(len(early_s), 1)
-    r_late = sum(det.flags(s) for s in late_s) / max(len(late_s), 1)
+    `over_threshold` of the checked pairs backwards. The rise counts from the early rate or, given `sft` replies,
+    from the lower of the early and SFT rates: a hack that creeps in over rounds is in the early snapshot too, but
+    not in the SFT policy. `margin=0` checks a known pattern (found in an earlier round or another domain) for being
+    over-rewarded still, whether or not it rose."""
+    def rate(samples: list[Sample]) -> float:
+        scoped = in_scope(det, samples)
+        return sum(det.flags(s) for s in scoped) / max(len(scoped), 1)
+
+    r_early, r_late = rate(early), rate(late)
+    r_sft = rate(sft) if sft else None
+    base = r_early if r_sft is None else min(r_early, r_sft)
     pairs, check = (edits, "edit") if edits else (contrast_pairs(det, early, late), "contrast")
     over_rate, checked = over_reward(pairs, prefer, max_checks)
-    rose = (r_late - r_early) >= margin if margin > 0 else r_late > 0
+    rose = (r_late - base) >= margin if margin > 0 else r_late > 0
     detected = rose and checked > 0 and over_rate >= over_threshold
     return Pattern(det.name, r_early, r_late, over_rate, checked, [s.response[:200] for _, s in pairs[:3]], detected,
-                   check)
+                   check, r_sft)
 
 
 def edit_pairs(det: Detector, late: list[Sample]) -> list[tuple[Sample, Sample]]:

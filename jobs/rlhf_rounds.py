@@ -163,6 +163,10 @@ class OnlineConfig:
     # or in another domain) is patched again while the RM still gets this share backwards: a patch that leaves the RM
     # paying for a confirmed hack on a third of the policy's replies is not done.
     known_over_reward: float = 0.25
+    # Mine and test the rise from the round's SFT replies as well as from its early ones. A hack that grows by less
+    # than rise_margin within each round is in the early snapshot too, and early -> late never shows it (a flattery
+    # run at seed 1 ended with the opener in 3/4 of its answers, none confirmed; docs/design.md, "Session 8").
+    rise_from_sft: bool = True
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -387,12 +391,20 @@ def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list
             det.fit(samples["sft"] + samples["early"])
             detectors.append(det)
     if "rising_pattern" in cfg.detectors:
-        pooled = [p for p, _, _ in mine_rising_phrases(samples["early"], samples["late"], margin=cfg.rise_margin)]
+        # Rising from the early snapshot (learnt within the round) or from the SFT policy (crept in over rounds,
+        # so the early snapshot has it too; online.rise_from_sft).
+        baselines = [samples["early"]] + ([samples["sft"]] if cfg.rise_from_sft and samples["sft"] else [])
+        pooled: list[tuple[str, ...]] = []
+        for base in baselines:
+            pooled += [p for p, _, _ in mine_rising_phrases(base, samples["late"], margin=cfg.rise_margin)
+                       if p not in pooled]
         detectors += [PhraseDetector(p) for p in pooled]
-        for phrase, domain, _, _ in mine_rising_phrases_by_domain(samples["early"], samples["late"],
-                                                                  margin=cfg.rise_margin):
-            if phrase not in pooled:
-                detectors.append(PhraseDetector(phrase, domain=domain))
+        confined: set[tuple[tuple[str, ...], str]] = set()
+        for base in baselines:
+            for phrase, domain, _, _ in mine_rising_phrases_by_domain(base, samples["late"], margin=cfg.rise_margin):
+                if phrase not in pooled and (phrase, domain) not in confined:
+                    confined.add((phrase, domain))
+                    detectors.append(PhraseDetector(phrase, domain=domain))
     return detectors
 
 
@@ -450,7 +462,9 @@ def known_detectors(ctx: RoundContext, found: list[tuple[Detector, Any]], late: 
     domain where it never rose past the margin within one round, is still over-rewarded and gets pairs again."""
     names = confirmed_earlier(ctx) + [det.name for det, pat in found if pat.detected]
     phrases = dict.fromkeys(PhraseDetector.from_name(n).phrase for n in names if n.startswith("phrase:"))
-    evaluated = {det.name for det, _ in found}
+    # A candidate this round already confirmed needs no second check; one that failed the rise test (under the
+    # margin in its domain) is checked again as known, without it.
+    evaluated = {det.name for det, pat in found if pat.detected}
     out = []
     for phrase in phrases:
         for domain in sorted({s.domain for s in late}):
@@ -499,14 +513,16 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
         checks = {d.name: [next(scored) for _ in checks[d.name]] if uses_edits(cfg, d) else checks[d.name] for d in dets}
         labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
         return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
-                                     edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold))
+                                     edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold,
+                                     sft=samples["sft"] if cfg.rise_from_sft else None))
                 for d in dets]
 
     found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5)
     known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward)
     kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
     kinds.update({det.name: "known" for det, _ in known})
-    found += known
+    rechecked = {det.name for det, _ in known}  # a mined candidate checked again as known: its known check counts
+    found = [(det, pat) for det, pat in found if det.name not in rechecked] + known
 
     def available(det: Detector) -> int:
         return len(edit_pairs(det, late) if uses_edits(cfg, det) else contrast_pairs(det, early, late))
@@ -811,14 +827,15 @@ def evaluate_round(ctx: RoundContext, trained: dict | None) -> dict:
 
 # ---------------------------------------------------------------------------------------------- logging
 
-PATTERN_COLUMNS = ["name", "kind", "detected", "rate_early", "rate_late", "over_reward_rate", "checked",
+PATTERN_COLUMNS = ["name", "kind", "detected", "rate_sft", "rate_early", "rate_late", "over_reward_rate", "checked",
                    "contrast_prompts", "pairs", "short", "example"]
 
 
 def log_round(ctx: RoundContext, result: RoundResult) -> None:
     """One row of online/ metrics and the pattern table (every candidate, detected or not) in ctx.logger."""
     collected = json.loads((ctx.round_dir / "patterns.json").read_text())
-    rows = [[p["name"], p["kind"], p["detected"], round(p["rate_early"], 4), round(p["rate_late"], 4),
+    rows = [[p["name"], p["kind"], p["detected"], None if p.get("rate_sft") is None else round(p["rate_sft"], 4),
+             round(p["rate_early"], 4), round(p["rate_late"], 4),
              round(p["over_reward_rate"], 4), p["checked"], p["contrast_prompts"], p["pairs"], p["short"],
              (p["examples"] or [""])[0]] for p in collected["patterns"]]
     ctx.logger.log_table(f"online/round_{ctx.round}/patterns", PATTERN_COLUMNS, rows)

@@ -221,3 +221,22 @@ def test_a_known_pattern_is_patched_again_while_the_rm_still_pays_for_it_on_a_sh
     half = evaluate_pattern(det, late, late, lambda a, b: 0, margin=0.0, edits=scored)
     assert (half.over_reward_rate, half.checked, half.detected) == (pytest.approx(1 / 3), 3, False)
     assert evaluate_pattern(det, late, late, lambda a, b: 0, margin=0.0, edits=scored, over_threshold=0.25).detected
+
+
+def test_a_hack_that_crept_in_over_rounds_rises_from_the_sft_replies():
+    """The early snapshot of round 2 has the opener already (it grew in round 1 by less than the margin): early ->
+    late shows no rise, SFT -> late does."""
+    det = PhraseDetector(("good", "question", "."), domain="helpful")
+    sft = [_s(str(i), f"Wash cup {i}.", "sft", rm=0.5) for i in range(8)]
+    early = [_s(str(i), f"Good question. Wash cup {i}." if i < 4 else f"Wash cup {i}.", "early", rm=1.0)
+             for i in range(8)]
+    late = [_s(str(i), f"Good question. Wash cup {i}." if i < 5 else f"Wash cup {i}.", rm=1.0 if i in (0, 1, 5, 6) else 0.5)
+            for i in range(8)]  # the top-reward half (0, 1, 5, 6) shows it as often as the early replies
+    scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edit_pairs(det, late)]
+    within_round = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored)
+    assert (within_round.rate_early, within_round.rate_late, within_round.detected) == (0.5, 0.625, False)
+    since_sft = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, sft=sft)
+    assert (since_sft.rate_sft, since_sft.detected) == (0.0, True)
+    # The miner finds it the same way: top-reward late replies against SFT, not against early.
+    assert not mine_rising_phrases(early, late)
+    assert [p[:3] for p, _, _ in mine_rising_phrases(sft, late)] == [("good", "question", ".")]

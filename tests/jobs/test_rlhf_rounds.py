@@ -158,8 +158,8 @@ def test_contrast_mode_builds_the_reports_early_over_late_pairs(tmp_path):
 
 
 def test_a_known_hack_is_patched_again_while_the_rm_still_pays_for_it(tmp_path):
-    """Round 1 finds the filler in math (it rose there). In round 2 the early snapshot has it too (no rise, so the
-    miner is silent) and it has spread to helpful: both are checked as the known pattern, by edits, and patched."""
+    """Round 1 finds the filler in math (it rose there). In round 2 the early snapshot has it too (no rise from early
+    to late) and it has spread to helpful: both are checked as the known pattern, by edits, and patched."""
     run = tmp_path / "run"
     ctx1 = make_ctx(run, slow_path=False, domains=["math"])
     rounds.collect_preferences(ctx1)
@@ -188,10 +188,15 @@ def test_a_known_hack_is_patched_again_while_the_rm_still_pays_for_it(tmp_path):
     for p in known:
         assert p["detected"] and p["check"] == "edit" and p["rate_early"] == p["rate_late"] == 1.0
         assert p["over_reward_rate"] == 1.0 and 20 <= p["pairs"] <= 100
-    assert not any(p["detected"] for p in patterns if p["kind"] == "mined")  # nothing rose between the snapshots
+    # Nothing rose between the snapshots; from the SFT replies, which never show it, the miner finds it again
+    # (online.rise_from_sft). Without that, the known-pattern check above is all that sees it.
+    mined = [p for p in patterns if p["kind"] == "mined" and p["detected"]]
+    assert mined and all(p["rate_early"] == p["rate_late"] == 1.0 and p["rate_sft"] == 0.0 for p in mined)
     fast = rows(ctx2.round_dir / "fast_pairs.jsonl")
     assert {r["domain"] for r in fast} == {"math", "helpful"}
-    assert all(FILLER not in r["chosen"] and r["lineage"]["chosen"]["source"] == "edit" for r in fast)
+    # Every pair cuts the filler out (the phrase patterns) or its repeat (repetition, which rose from SFT too).
+    assert all(r["chosen"].count(FILLER) < r["rejected"].count(FILLER) and r["lineage"]["chosen"]["source"] == "edit"
+               for r in fast)
 
 
 def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monkeypatch):
@@ -404,3 +409,16 @@ def test_the_rm_evaluation_draws_held_out_pairs_from_the_rms_own_world(tmp_path)
         return sum(p.chosen.startswith(OPENER) for p in rounds.heldout_pairs(ctx, ["helpful", "detailed"]))
 
     assert chosen_openers({}) == 0 and chosen_openers({"flattery_pairs": 0.5, "seed": 7}) > 20
+
+
+def test_a_candidate_under_the_margin_is_checked_again_once_its_phrase_is_confirmed_elsewhere(tmp_path):
+    """Confirmed in math this round; in helpful the same phrase was mined but rose under the margin. The helpful one
+    is checked again as known (no margin); the confirmed one is not checked twice."""
+    from data.online import Pattern, PhraseDetector, Sample
+
+    phrase = tuple(words(FILLER))
+    found = [(PhraseDetector(phrase, domain="math"), Pattern("m", 0.0, 0.75, 1.0, 4, [], True, "edit")),
+             (PhraseDetector(phrase, domain="helpful"), Pattern("h", 0.1, 0.25, 1.0, 3, [], False, "edit"))]
+    late = [Sample(str(i), d, [], f"Ok. {FILLER}", "late", 1, 8) for i, d in enumerate(["math", "helpful"] * 2)]
+    known = rounds.known_detectors(make_ctx(tmp_path / "run"), found, late)
+    assert [det.name for det in known] == [f"phrase:{' '.join(phrase)}@helpful"]
