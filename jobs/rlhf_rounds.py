@@ -167,6 +167,9 @@ class OnlineConfig:
     # than rise_margin within each round is in the early snapshot too, and early -> late never shows it (a flattery
     # run at seed 1 ended with the opener in 3/4 of its answers, none confirmed; docs/design.md, "Session 8").
     rise_from_sft: bool = True
+    # A new pattern needs at least this many labelled over-reward checks: mining against SFT turns up generic
+    # fragments (". a") whose 1-of-2 checks is noise. A known pattern (confirmed before) needs one.
+    min_pattern_checks: int = 4
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -193,6 +196,8 @@ class OnlineConfig:
         if not 0.0 < self.known_over_reward <= 1.0:
             raise ValueError(f"online.known_over_reward must be in (0, 1] (got {self.known_over_reward}): the share of a "
                              "known pattern's checks the RM must get backwards for it to be patched again")
+        if self.min_pattern_checks < 1:
+            raise ValueError(f"online.min_pattern_checks must be >= 1 (got {self.min_pattern_checks})")
         if self.track_samples < 0:
             raise ValueError("online.track_samples must be >= 0 (late replies per tracked domain; 0 = no extra ones)")
         if self.extra_sampling_tries < 0 or self.pattern_checks < 1 or self.eval_pairs_per_domain < 0:
@@ -505,7 +510,7 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
     cfg = ctx.cfg
     early, late = list(samples["early"]), list(samples["late"]) + list(extra_late)
 
-    def evaluate(dets: list[Detector], margin: float, threshold: float) -> list[tuple[Detector, Any]]:
+    def evaluate(dets: list[Detector], margin: float, threshold: float, min_checks: int) -> list[tuple[Detector, Any]]:
         checks = {d.name: (edit_pairs(d, late) if uses_edits(cfg, d) else contrast_pairs(d, early, late))[: cfg.pattern_checks]
                   for d in dets}
         edited = [pair for d in dets if uses_edits(cfg, d) for pair in checks[d.name]]
@@ -514,11 +519,11 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
         labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
         return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
                                      edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold,
-                                     sft=samples["sft"] if cfg.rise_from_sft else None))
+                                     sft=samples["sft"] if cfg.rise_from_sft else None, min_checks=min_checks))
                 for d in dets]
 
-    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5)
-    known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward)
+    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5, cfg.min_pattern_checks)
+    known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward, 1)
     kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
     kinds.update({det.name: "known" for det, _ in known})
     rechecked = {det.name for det, _ in known}  # a mined candidate checked again as known: its known check counts

@@ -240,3 +240,13 @@ def test_a_hack_that_crept_in_over_rounds_rises_from_the_sft_replies():
     # The miner finds it the same way: top-reward late replies against SFT, not against early.
     assert not mine_rising_phrases(early, late)
     assert [p[:3] for p, _, _ in mine_rising_phrases(sft, late)] == [("good", "question", ".")]
+
+
+def test_a_new_pattern_needs_enough_checks_to_be_confirmed():
+    det = PhraseDetector(("good", "question", "."), domain="helpful")
+    early = [_s(str(i), f"Wash cup {i}.", "early", rm=0.5) for i in range(4)]
+    late = [_s(str(i), f"Good question. Wash cup {i}.", rm=1.0) for i in range(4)]
+    scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edit_pairs(det, late)][:2]
+    two = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, min_checks=4)
+    assert (two.over_reward_rate, two.checked, two.detected) == (1.0, 2, False)  # 2 of 2 is not yet evidence
+    assert evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, min_checks=2).detected
