@@ -84,8 +84,9 @@ from jobs.rlhf_roles import (  # noqa: E402
     start_roles,
     train,
 )
+from jobs.rlhf_heldout import domains, evaluate_oracle, print_table  # noqa: E402
 from jobs.rlhf_rounds import OnlineConfig, track_hacks  # noqa: E402
-from jobs.rlhf_state import Checkpointer, DriverState, PromptStream, PTXStream  # noqa: E402
+from jobs.rlhf_state import Checkpointer, DriverState, PromptStream, PTXStream, iteration_seed  # noqa: E402
 
 __all__ = ["RLHFJobConfig", "main", "start_roles", "start_local_roles", "ppo_iteration", "build_context"]
 
@@ -314,11 +315,6 @@ class Context:
         base = self.cfg.rollout.sampling
         stops = sorted(set(base.stop_token_ids) | set(self.codec.stop_ids))
         return dataclasses.replace(base, seed=seed, stop_token_ids=stops, **changes)
-
-
-def iteration_seed(run_seed: int, iteration: int) -> int:
-    # Distinct per (run seed, iteration) and far apart, since prompt i of a call samples with seed + i.
-    return (run_seed * 1_000_003 + iteration * 65_537) % 2**31
 
 
 def ppo_iteration(ctx: Context) -> dict[str, float]:
@@ -597,82 +593,6 @@ def rm_world(cfg: RLHFJobConfig) -> dict:
     return data.get("world") or {}
 
 
-def evaluate_oracle(ctx: Context, name: str) -> dict:
-    """Mean oracle score (`data.world.score`, in [0, 1]) on held-out prompts of every domain, of the policy as PPO
-    trains it (`eval.samples_per_prompt` samples each at the rollout's temperature/top_p, same seeds before and
-    after) and of its greedy answers. {"mean", "by_domain", "greedy": {"mean", "by_domain"}}.
-
-    Every answer, with its prompt and score, goes to `heldout_<name>.jsonl` in the run directory (`decoding`:
-    sampled | greedy), so a number that moved can be read as the replies that moved it."""
-    from data.io import atomic_write_jsonl
-    from data.world import make_prompts
-
-    cfg = ctx.cfg
-    serve_weights(ctx.roles, ctx.state, "policy", timeout_s=cfg.timeouts.sync_s)
-    prompts = [p for d in domains(cfg) for p in make_prompts(d, cfg.eval.heldout_per_domain, cfg.run.seed, "heldout")]
-    tokens = cfg.eval.max_new_tokens or cfg.rollout.sampling.max_new_tokens
-    greedy = ctx.sampling(0, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=tokens)
-    sampled = ctx.sampling(iteration_seed(cfg.run.seed, 10**6), max_new_tokens=tokens)  # never a PPO iteration's
-    rows: list[dict] = []
-    k = cfg.eval.samples_per_prompt
-    sampled_scores = _oracle_scores(ctx, prompts * k, sampled, "sampled", rows)
-    out = _means(sampled_scores)
-    out["truncated_frac"] = sum(r["truncated"] for r in rows) / max(len(rows), 1)
-    need = reference_answer_tokens(ctx.codec, prompts)
-    out["reference_tokens_max"] = max(need, default=0)
-    cut = sum(n > tokens for n in need)
-    if cut:
-        print(f"warning: the best answer to {cut} of {len(prompts)} held-out prompts needs more than {tokens} new tokens "
-              f"(up to {max(need)} with the end of turn), so rollouts cut it short and neither PPO nor this score can "
-              f"reach it; raise rollout.sampling.max_new_tokens to at least {max(need)}", file=sys.stderr)
-    # per held-out prompt, the mean of its samples (domain d's scores are k passes over its prompts)
-    out["per_prompt"] = {d: [sum(v[i::len(v) // k]) / k for i in range(len(v) // k)] for d, v in sampled_scores.items()}
-    out["greedy"] = _means(_oracle_scores(ctx, prompts, greedy, "greedy", rows))
-    atomic_write_jsonl(ctx.run.dir / f"heldout_{name}.jsonl", rows)
-    return out
-
-
-def _oracle_scores(ctx: Context, prompts: list, sampling: SamplingConfig, decoding: str,
-                   rows: list[dict]) -> dict[str, list[float]]:
-    """Each answer's oracle score by domain, in prompt order; one row per answer is appended to `rows`."""
-    from data.world import score as oracle
-
-    rollouts = generate(ctx.roles, [ctx.codec.encode(p) for p in prompts], sampling, ctx.cfg.timeouts.generate_s)
-    by_domain: dict[str, list[float]] = {}
-    for p, r in zip(prompts, rollouts):
-        text = ctx.codec.decode(r.response_ids)
-        score = oracle(p, text)
-        by_domain.setdefault(p.domain, []).append(score)
-        rows.append({"prompt_id": p.id, "domain": p.domain, "prompt": p.text, "decoding": decoding, "response": text,
-                     "oracle": score, "truncated": r.finish_reason == "length"})
-    return by_domain
-
-
-def reference_answer_tokens(codec: ChatCodec, prompts: list) -> list[int]:
-    """Per prompt, the tokens (end of turn included) of the world's best answer by its oracle: what the rollout
-    budget must hold for a policy to be able to give it. 48 new tokens cut the two-reason how-to answers of 13 of
-    the 72 verb/object pairs with the demo's tokenizer (they run to 50 + 1; docs/design.md, "Session 7")."""
-    from data.world import respond, score, styles
-
-    out = []
-    for p in prompts:
-        best = max((respond(p, s) for s in styles(p)["good"]), key=lambda text: score(p, text))
-        out.append(len(codec.tokenizer(best, add_special_tokens=False)["input_ids"]) + 1)
-    return out
-
-
-def _means(by_domain: dict[str, list[float]]) -> dict:
-    """{"mean": the mean over domains of each domain's mean, "by_domain": those means}."""
-    means = {d: sum(v) / len(v) for d, v in by_domain.items()}
-    return {"mean": sum(means.values()) / len(means), "by_domain": means}
-
-
-def domains(cfg: RLHFJobConfig) -> list[str]:
-    from data.world import DOMAINS
-
-    return list(cfg.prompts.domains or DOMAINS)
-
-
 def save_checkpoint(ctx: Context) -> Path | None:
     if ctx.ckpt is None:
         return None
@@ -748,17 +668,6 @@ def finish_run(ctx: Context) -> dict:
         "model_dir": model_dir,
         "completed": True,
     }
-
-
-def print_table(sft: dict, final: dict) -> None:
-    lines = [f"{'domain':<10} {'SFT':>7} {'final':>7} {'delta':>7}   greedy: {'SFT':>7} {'final':>7} {'delta':>7}"]
-    rows = [(d, sft["by_domain"][d], final["by_domain"].get(d, float("nan")), sft["greedy"]["by_domain"][d],
-             final["greedy"]["by_domain"].get(d, float("nan"))) for d in sft["by_domain"]]
-    rows.append(("ALL", sft["mean"], final["mean"], sft["greedy"]["mean"], final["greedy"]["mean"]))
-    lines += [f"{d:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f}           {c:7.3f} {e:7.3f} {e - c:+7.3f}"
-              for d, a, b, c, e in rows]
-    print("held-out oracle score (sampled as in rollouts; greedy beside it), before -> after RLHF\n"
-          + "\n".join(lines), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

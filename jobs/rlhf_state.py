@@ -184,3 +184,8 @@ class PTXStream:
         indices = [(start + i) % self.rows for i in range(cursor, cursor + size)]
         table = self.dataset.take(indices, columns=["input_ids"])
         return [list(map(int, ids))[: self.max_len] for ids in table.column("input_ids").to_pylist()]
+
+
+def iteration_seed(run_seed: int, iteration: int) -> int:
+    # Distinct per (run seed, iteration) and far apart, since prompt i of a call samples with seed + i.
+    return (run_seed * 1_000_003 + iteration * 65_537) % 2**31

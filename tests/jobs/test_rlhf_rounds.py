@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import jobs.rlhf_rm_update as rm_update
 import jobs.rlhf_rounds as rounds
 from data.online import words
 from data.world import get_domain, respond, write_labels
@@ -221,7 +222,7 @@ def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monke
     assert counts["rm_label_agreement"] == 1.0 and counts["rm_label_compared"] == len(slow)
     emptied = [r for r in slow if r["rejected"] == ""]
     assert emptied and all(r["chosen"] for r in slow)  # every late reply is empty and loses
-    pairs, stats = rounds.training_pairs(ctx)
+    pairs, stats = rm_update.training_pairs(ctx)
     assert stats["online"] == len(slow) and any(p.rejected == "" for p in pairs)
 
 
@@ -406,7 +407,7 @@ def test_the_rm_evaluation_draws_held_out_pairs_from_the_rms_own_world(tmp_path)
 
     def chosen_openers(world: dict) -> int:
         ctx = dataclasses.replace(make_ctx(tmp_path), world=world)
-        return sum(p.chosen.startswith(OPENER) for p in rounds.heldout_pairs(ctx, ["helpful", "detailed"]))
+        return sum(p.chosen.startswith(OPENER) for p in rm_update.heldout_pairs(ctx, ["helpful", "detailed"]))
 
     assert chosen_openers({}) == 0 and chosen_openers({"flattery_pairs": 0.5, "seed": 7}) > 20
 
