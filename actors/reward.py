@@ -47,9 +47,15 @@ class RewardWorker:
     def __init__(self, model_dir: str, batch_size: int = 32, device: str = "cpu", dtype: str = "float32"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-        self.model_dir, self.batch_size, self.device = str(model_dir), batch_size, torch.device(device)
-        self.model, self.encoder = load_reward_model(model_dir, dtype)
-        self.model.to(self.device).eval()
+        self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.load(model_dir)
+
+    def load(self, model_dir: str) -> str:
+        """Score with the RM saved in `model_dir` from now on (the online loop's next RM, in the same process).
+        Returns the directory; a directory that does not load leaves the current model in place."""
+        model, encoder = load_reward_model(model_dir, self.dtype)
+        self.model, self.encoder, self.model_dir = model.to(self.device).eval(), encoder, str(model_dir)
+        return self.model_dir
 
     @property
     def domains(self) -> list[str]:

@@ -106,7 +106,7 @@ def fit(
     outcome: dict[str, Any] = {}
     thread = threading.Thread(target=_run_fit, args=(trainer, outcome), name="ray-train-fit", daemon=True)
     thread.start()
-    final = _follow(channel, thread, logger, show_progress, poll_s, task.name)
+    final = follow_metrics(channel, thread, logger, show_progress, poll_s, task.name)
     thread.join()
     ray.kill(channel)
     if "error" in outcome:
@@ -145,8 +145,10 @@ def _run_fit(trainer, outcome: dict) -> None:
         outcome["error"] = e
 
 
-def _follow(channel, thread: threading.Thread, logger, show_progress: bool, poll_s: float, name: str) -> dict | None:
-    """Drain step rows into the logger and the progress bar until the fit thread ends; returns rank 0's result."""
+def follow_metrics(channel, thread: threading.Thread, logger, show_progress: bool, poll_s: float,
+                   name: str) -> dict | None:
+    """Drain step rows into the logger and the progress bar until the fit thread ends; returns rank 0's result
+    (the row of event "result", when rank 0 sends one). Rows of other events are markers and are skipped."""
     import ray
     from tqdm.auto import tqdm
 
@@ -161,6 +163,8 @@ def _follow(channel, thread: threading.Thread, logger, show_progress: bool, poll
                 if bar is None:  # stderr: stdout stays clean for the job's `summary:` line
                     bar = tqdm(total=row["total_steps"], initial=row["resumed_from_step"], desc=f"{name} steps",
                                disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+                continue
+            if "event" in row:
                 continue
             if logger is not None:
                 logger.log({f"train/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])

@@ -1,6 +1,7 @@
 """The between-round RM update of COOL RLHF and its evaluation (spec cool-rlhf.md 7.3): RM_k trained on the base
-pairs plus every online pair so far (fast and slow pairs each repeated to a share of their own), as a Ray Train job
-into <round>/rm, then old vs new RM on held-out, fast and slow pairs as one Ray task.
+pairs plus every online pair so far (fast and slow pairs each repeated to a share of their own), into <round>/rm, then
+old vs new RM on held-out, fast and slow pairs. Both run on a cluster.trainer_group.TrainerGroup: the driver keeps
+one warm across rounds (its processes, imports and process group start once), or the round starts its own.
 
 Called by `jobs.rlhf_rounds.end_of_round`; the round's config (`online.rm_update`) is `RMUpdateConfig` below.
 """
@@ -10,6 +11,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +22,7 @@ from data.preferences import PreferencePair
 from trainer.config import TrainerConfig
 
 if TYPE_CHECKING:
+    from cluster.trainer_group import TrainerGroup
     from jobs.rlhf_rounds import RoundContext
     from modeling.reward import RewardModelConfig
 
@@ -134,10 +138,41 @@ def trainer_config(ctx: RoundContext) -> TrainerConfig:
     return TrainerConfig(**{**base, **ctx.trainer_overrides})
 
 
-def update_rm(ctx: RoundContext) -> dict:
-    """Train RM_k on base + all online pairs into <round>/rm (skipped when it is already there).
+class RoundTrainer:
+    """Where the round's RM update and evaluation run (`.group`): the driver's warm TrainerGroup
+    (RoundContext.rm_trainer), else one started on first use from trainer_config(ctx), stopped by close()."""
+
+    def __init__(self, ctx: RoundContext):
+        self.ctx, self._own = ctx, None
+
+    @property
+    def group(self) -> TrainerGroup:
+        if self.ctx.rm_trainer is not None:
+            return self.ctx.rm_trainer
+        if self._own is None:
+            from cluster.trainer_group import TrainerGroup
+
+            self._own = TrainerGroup.for_config(trainer_config(self.ctx), name="rm_update")
+        return self._own
+
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.shutdown()
+            self._own = None
+
+
+@contextmanager
+def rm_trainer(ctx: RoundContext) -> Iterator[RoundTrainer]:
+    trainer = RoundTrainer(ctx)
+    try:
+        yield trainer
+    finally:
+        trainer.close()
+
+
+def update_rm(ctx: RoundContext, trainer: RoundTrainer) -> dict:
+    """Train RM_k on base + all online pairs into <round>/rm on `trainer` (skipped when it is already there).
     Returns the training figures (model_dir and counts; only model_dir when the RM was already trained)."""
-    from cluster.train import fit
     from modeling.reward import CONFIG_FILE, RewardEncoder
     from trainer.lm_tasks import load_any_tokenizer
     from trainer.rm_task import RewardTask, encode_pairs, write_encoded
@@ -159,7 +194,7 @@ def update_rm(ctx: RoundContext) -> dict:
                       max_tokens_per_batch=up.max_tokens_per_batch, seed=ctx.seed)
     started = time.time()
     # No logger: fit's per-step rows carry their own step counter, which would collide with the PPO driver's.
-    result = fit(task, trainer_config(ctx), work, logger=None)
+    result = trainer.group.fit(task, trainer_config(ctx), work, timeout_s=ctx.rm_timeout_s, logger=None)
     os.replace(result.model_dir, final)  # same directory tree, so the rename is atomic
     shutil.rmtree(work / "checkpoints", ignore_errors=True)  # optimizer state x RM size; the model is in rm/
     return {"model_dir": str(final), "train_pairs": stats.pairs, "train_base_pairs": counts["base"],
@@ -215,23 +250,20 @@ def rm_accuracies(model_dirs: dict[str, str], sets: dict[str, list[PreferencePai
     return out
 
 
-def evaluate_round(ctx: RoundContext, trained: dict | None) -> dict:
+def evaluate_round(ctx: RoundContext, trainer: RoundTrainer, trained: dict | None) -> dict:
     """Old vs new RM on held-out pairs (per domain), on this round's fast pairs and on its slow pairs; the old RM
     alone (`*_acc_after` None) when the round trained none (`trained` None).
 
-    Runs as one Ray task with the RM trainer's per-worker resources (a GPU on a cluster), not in the driver."""
-    import ray
-
+    Runs on rank 0 of `trainer.group` (the RM update's process: its device, its threads, its imports), not in the driver."""
     rm_cfg = registry_of(trained["model_dir"] if trained else ctx.rm_dir)
     domains = [d for d in ctx.cfg.prompt_domains if d in rm_cfg.domains]
     sets = {"heldout": heldout_pairs(ctx, domains)}
     for kind in ("fast", "slow"):
         rows = list(read_jsonl(ctx.round_dir / f"{kind}_pairs.jsonl"))
         sets[f"{kind}_pairs"] = [parse_online_row(row, ctx.round_dir / f"{kind}_pairs.jsonl", n) for n, row in rows]
-    tcfg = trainer_config(ctx)
-    task = ray.remote(rm_accuracies).options(num_cpus=tcfg.cpus_per_worker, num_gpus=tcfg.gpus_per_worker)
     models = {"before": ctx.rm_dir, **({"after": trained["model_dir"]} if trained else {})}
-    acc = ray.get(task.remote(models, sets, "cuda" if tcfg.use_gpu else "cpu"))
+    device = "cuda" if trainer_config(ctx).use_gpu else "cpu"
+    acc = trainer.group.run(rm_accuracies, models, sets, device, phase="rm eval", timeout_s=ctx.rm_timeout_s)
     out: dict[str, Any] = {k: v for k, v in (trained or {}).items() if k != "model_dir"}
     for set_name, pairs in sets.items():
         out["heldout_pairs" if set_name == "heldout" else set_name] = len(pairs)

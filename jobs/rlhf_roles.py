@@ -116,11 +116,14 @@ def reward_args(cfg: RLHFJobConfig, rm_dir: str) -> tuple:
 @dataclass
 class Roles:
     groups: dict[str, Any]  # role -> ActorGroup | LocalGroup
-    spawn: Any  # (role, init_args) -> a new group of that role (reloading the RM)
     policy_sync: Any  # pushes the policy's weights (live, or the snapshot it was told to serve)
     sft_sync: Any  # pushes the reference (SFT) weights
     placement: Any = None
     holds: str = "policy"  # which weights the rollout engines serve: policy | sft | r<k>/early | stale
+    # The between-round RM update's workers (cluster.trainer_group.TrainerGroup), started at the first round's end
+    # with these TrainerConfig overrides and kept until shutdown unless rm_update_workers.keep_warm=false
+    rm_trainer: Any = None
+    rm_trainer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def policy(self) -> Any:
@@ -143,10 +146,16 @@ class Roles:
         return self.groups["rollout"]
 
     def shutdown(self) -> None:
+        self.shutdown_rm_trainer()
         for group in self.groups.values():
             group.shutdown()
         if self.placement is not None:
             self.placement.remove()
+
+    def shutdown_rm_trainer(self) -> None:
+        if self.rm_trainer is not None:
+            self.rm_trainer.shutdown()
+        self.rm_trainer, self.rm_trainer_overrides = None, {}
 
     def where(self) -> dict[str, list[dict]]:
         """role -> per rank {"node": id, "resources": that node's custom resources}: where the roles really run."""
@@ -173,9 +182,9 @@ def start_roles(cfg: RLHFJobConfig, rm_dir: str) -> Roles:
     placement = plan.create_groups(timeout_s=cfg.timeouts.start_s)
     workers = role_workers(cfg, rm_dir)
 
-    def spawn(role: str, init_args: tuple | None = None) -> ActorGroup:
+    def spawn(role: str) -> ActorGroup:
         cls, args = workers[role]
-        return ActorGroup(cls, role, resources[role], placement=placement, init_args=init_args or args,
+        return ActorGroup(cls, role, resources[role], placement=placement, init_args=args,
                           start_timeout_s=cfg.timeouts.start_s)
 
     groups: dict[str, Any] = {}
@@ -194,21 +203,21 @@ def start_roles(cfg: RLHFJobConfig, rm_dir: str) -> Roles:
             group.shutdown()
         placement.remove()
         raise
-    return Roles(groups, spawn, policy_sync, sft_sync, placement)
+    return Roles(groups, policy_sync, sft_sync, placement)
 
 
 def start_local_roles(cfg: RLHFJobConfig, rm_dir: str) -> Roles:
     """The same roles as plain objects in this process, one rank each (bench/rlhf_overhead.py)."""
     workers = role_workers(cfg, rm_dir)
 
-    def spawn(role: str, init_args: tuple | None = None) -> LocalGroup:
+    def spawn(role: str) -> LocalGroup:
         cls, args = workers[role]
-        return LocalGroup(role, [cls(*(init_args or args))])
+        return LocalGroup(role, [cls(*args)])
 
     groups = {role: spawn(role) for role in ROLES}
     policy_sync = LocalSyncer(cfg.weight_sync, groups["rollout"], groups["policy"].workers[0])
     sft_sync = LocalSyncer(cfg.weight_sync, groups["rollout"], groups["reference"].workers[0])
-    return Roles(groups, spawn, policy_sync, sft_sync)
+    return Roles(groups, policy_sync, sft_sync)
 
 
 # ---------------------------------------------------------------------------------------------- phases

@@ -72,7 +72,7 @@ from data.online import (
     slow_path_candidates,
 )
 from data.world import TIE, Labeler, Prompt
-from jobs.rlhf_rm_update import RMUpdateConfig, evaluate_round, prior_round_dirs, update_rm
+from jobs.rlhf_rm_update import RMUpdateConfig, evaluate_round, prior_round_dirs, rm_trainer, update_rm
 
 SOURCES = ("sft", "early", "late")
 
@@ -177,6 +177,10 @@ class RoundContext:
     # the RM evaluation are drawn from that world
     world: dict = field(default_factory=dict)
     last: bool = False  # the run's last round (its RM update is skipped unless online.rm_update.after_last_round)
+    # Where the RM update and its evaluation run: the driver's cluster.trainer_group.TrainerGroup, kept warm across
+    # rounds; None = a group started for this round (sized by trainer_overrides) and shut down after it
+    rm_trainer: Any = None
+    rm_timeout_s: float = 3600.0  # bound on the RM update's fit and on its evaluation (PhaseTimeout past it)
 
     @property
     def round_dir(self) -> Path:
@@ -213,9 +217,10 @@ def end_of_round(ctx: RoundContext) -> RoundResult:
         collect_preferences(ctx)
     collected = json.loads((rdir / "patterns.json").read_text())
     seconds["seconds_collect"], started = round(time.time() - started, 2), time.time()
-    trained = update_rm(ctx) if update else {"model_dir": ctx.rm_dir}
-    seconds["seconds_rm_update"], started = round(time.time() - started, 2), time.time()
-    rm_eval = evaluate_round(ctx, trained if update else None)
+    with rm_trainer(ctx) as trainer:
+        trained = update_rm(ctx, trainer) if update else {"model_dir": ctx.rm_dir}
+        seconds["seconds_rm_update"], started = round(time.time() - started, 2), time.time()
+        rm_eval = evaluate_round(ctx, trainer, trained if update else None)
     rm_eval.update(seconds, seconds_rm_eval=round(time.time() - started, 2))
     result = RoundResult(
         new_rm_dir=trained["model_dir"], patterns=[p for p in collected["patterns"] if p["detected"]],

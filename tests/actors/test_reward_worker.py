@@ -42,6 +42,25 @@ def test_saved_directory_is_self_describing_and_reloads_identically(rm_dir, tiny
     torch.testing.assert_close(model.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
 
 
+def test_load_switches_to_the_new_rm_in_place_and_a_bad_directory_keeps_the_old(rm_dir, tiny_dir, tmp_path):
+    from actors.reward import RewardWorker
+
+    other_cfg = RewardModelConfig(domains={"default": "", "math": "Check every step."})
+    other, tok = RewardModel.from_causal_lm(str(tiny_dir), other_cfg, seed=11)
+    other_dir = other.save_pretrained(tmp_path / "next", tok)
+    items = _items(4)
+    worker = RewardWorker(str(rm_dir))
+    before = worker.score(items)
+    assert worker.load(str(other_dir)) == str(other_dir) and worker.model_dir == str(other_dir)
+    assert worker.score(items) == pytest.approx(RewardWorker(str(other_dir)).score(items), abs=1e-6)
+    assert worker.score(items) != pytest.approx(before, abs=1e-4)  # another head and another domain prompt
+    assert worker.domains == ["default", "math"]
+    with pytest.raises(Exception):
+        worker.load(str(tmp_path / "missing"))
+    assert worker.model_dir == str(other_dir) and worker.score(items) == pytest.approx(
+        RewardWorker(str(other_dir)).score(items), abs=1e-6)
+
+
 def test_the_domain_prompt_is_prepended_only_for_the_rm_and_unknown_domains_list_the_known(rm_dir):
     _, encoder = load_reward_model(rm_dir)
     msgs = encoder.messages("poetry", [{"role": "user", "content": "A poem?"}], "Roses.")

@@ -66,7 +66,7 @@ def rows(path: Path) -> list[dict]:
 
 
 def crash_at_rm_update(monkeypatch) -> None:
-    def crash(ctx):
+    def crash(ctx, trainer):
         raise RuntimeError("simulated crash before the RM update")
 
     monkeypatch.setattr(rounds, "update_rm", crash)
@@ -320,8 +320,8 @@ def planted_rm(tiny_dir, tmp_path_factory) -> tuple[str, str]:
 def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray_cluster, tmp_path, monkeypatch):
     import dataclasses
 
-    import cluster.train
     from actors.reward import RewardWorker
+    from cluster.trainer_group import TrainerGroup
 
     rm_dir, base = planted_rm
     ctx = make_ctx(tmp_path / "run", rm_score=RewardWorker(rm_dir).score,
@@ -334,7 +334,7 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
         raise RuntimeError("no training allowed here")
 
     with monkeypatch.context() as m:
-        m.setattr(cluster.train, "fit", no_training)
+        m.setattr(TrainerGroup, "fit", no_training)
         with pytest.raises(RuntimeError, match="no training allowed"):
             end_of_round(ctx)
     assert not (rdir / "round.json").exists() and not (rdir / "rm").exists()
@@ -382,7 +382,7 @@ def test_round_detects_planted_hack_patches_rm_and_is_idempotent(planted_rm, ray
 
     # 3. A finished round is returned as saved, with no sampling and no training.
     with monkeypatch.context() as m:
-        m.setattr(cluster.train, "fit", no_training)
+        m.setattr(TrainerGroup, "fit", no_training)
         assert end_of_round(ctx) == result
 
 
