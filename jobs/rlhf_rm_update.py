@@ -24,7 +24,8 @@ from trainer.config import TrainerConfig
 if TYPE_CHECKING:
     from cluster.trainer_group import TrainerGroup
     from jobs.rlhf_rounds import RoundContext
-    from modeling.reward import RewardModelConfig
+    from modeling.reward import RewardEncoder, RewardModelConfig
+    from trainer.rm_task import EncodeStats
 
 
 @dataclass
@@ -100,8 +101,9 @@ def online_pair_files(ctx: RoundContext) -> list[Path]:
     return list(unique.values())
 
 
-def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, int]]:
-    """base ∪ every online pair so far (each pair id once), online pairs repeated `rm_update.repeats` times."""
+def training_sets(ctx: RoundContext) -> tuple[list[PreferencePair], list[tuple[list[PreferencePair], int]], dict]:
+    """(base pairs, [(slow-path pairs, repeat), (fast-path pairs, repeat)], counts): base ∪ every online pair so far,
+    each pair id once, with how many times each online pair goes into the RM update (`rm_update.repeats_by_path`)."""
     from data.preferences import read_preferences
 
     base = read_preferences(ctx.base_pairs_path) if ctx.base_pairs_path else []
@@ -115,9 +117,68 @@ def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, i
     slow = [p for i, p in online.items() if i not in fast_ids]
     fast = [p for i, p in online.items() if i in fast_ids]
     slow_r, fast_r = ctx.cfg.rm_update.repeats_by_path(len(base), len(slow), len(fast))
-    pairs = base + [p for p in slow for _ in range(slow_r)] + [p for p in fast for _ in range(fast_r)]
-    return pairs, {"base": len(base), "online": len(online), "online_repeat": slow_r, "fast": len(fast),
-                   "fast_repeat": fast_r}
+    return base, [(slow, slow_r), (fast, fast_r)], {"base": len(base), "online": len(online), "online_repeat": slow_r,
+                                                    "fast": len(fast), "fast_repeat": fast_r}
+
+
+def training_pairs(ctx: RoundContext) -> tuple[list[PreferencePair], dict[str, int]]:
+    """The RM update's training pairs in order: base, then each online pair repeated (training_sets)."""
+    base, groups, counts = training_sets(ctx)
+    return base + [p for pairs, times in groups for p in pairs for _ in range(times)], counts
+
+
+def encode_training(ctx: RoundContext, encoder: RewardEncoder, tok_path: str) -> tuple[list, EncodeStats, dict]:
+    """training_pairs(ctx) encoded, in the same order: the base pairs from the run's cache (encoded once per
+    tokenizer, RM registry and base file: every round's update trains on them), each online pair encoded once and
+    repeated. Returns (encoded pairs, stats counting every copy, counts)."""
+    from trainer.rm_task import EncodeStats, encode_pairs
+
+    base, groups, counts = training_sets(ctx)
+    out, base_stats = encoded_base(ctx, base, encoder, tok_path)
+    stats = EncodeStats(too_long=base_stats.too_long, identical=base_stats.identical)
+    for pairs, times in groups:
+        encoded, st = encode_pairs(pairs, encoder)
+        out += [p for p in encoded for _ in range(times)]
+        stats.too_long += st.too_long * times
+        stats.identical += st.identical * times
+    stats.pairs = len(out)
+    return out, stats, counts
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def encoded_base(ctx: RoundContext, base: list[PreferencePair], encoder: RewardEncoder,
+                 tok_path: str) -> tuple[list, EncodeStats]:
+    """The base pairs encoded, cached under <run>/rounds/base_encoded/<key>: the key hashes the base file, the
+    tokenizer's files and the RM config (domain prompts, max length), everything the encoding depends on."""
+    import dataclasses
+    import hashlib
+
+    import fsspec
+
+    from modeling.loading import resolve_checkpoint
+    from trainer.rm_task import EncodeStats, encode_pairs, read_encoded, write_encoded
+
+    if not base:
+        return [], EncodeStats()
+    key = hashlib.sha256()
+    with fsspec.open(ctx.base_pairs_path, "rb") as f:
+        key.update(f.read())
+    tok_dir = resolve_checkpoint(tok_path)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            key.update(name.encode() + b"\0" + (tok_dir / name).read_bytes())
+    key.update(json.dumps(dataclasses.asdict(encoder.cfg), sort_keys=True, default=str).encode())
+    cache = Path(ctx.run_dir) / "rounds" / "base_encoded" / key.hexdigest()[:16]
+    if (cache / "meta.json").is_file():
+        meta = json.loads((cache / "meta.json").read_text())
+        return read_encoded(cache), EncodeStats(**meta["stats"])
+    encoded, stats = encode_pairs(base, encoder)
+    write_encoded(encoded, cache, meta={"stats": dataclasses.asdict(stats), "base_pairs_path": ctx.base_pairs_path,
+                                        "tokenizer": str(tok_path)})
+    return encoded, stats
 
 
 def parse_online_row(row: dict, path: Path, lineno: int) -> PreferencePair:
@@ -175,7 +236,7 @@ def update_rm(ctx: RoundContext, trainer: RoundTrainer) -> dict:
     Returns the training figures (model_dir and counts; only model_dir when the RM was already trained)."""
     from modeling.reward import CONFIG_FILE, RewardEncoder
     from trainer.lm_tasks import load_any_tokenizer
-    from trainer.rm_task import RewardTask, encode_pairs, write_encoded
+    from trainer.rm_task import RewardTask, write_encoded
 
     final, work = ctx.round_dir / "rm", ctx.round_dir / "rm_train"
     if (final / CONFIG_FILE).exists():
@@ -184,8 +245,7 @@ def update_rm(ctx: RoundContext, trainer: RoundTrainer) -> dict:
     rm_cfg = registry_of(ctx.rm_dir)  # the domain system prompts the RM was trained with
     # finetune: RM_{k-1} (backbone + head); retrain: a fresh head on the SFT backbone, as the reward job does.
     tok_path, init = (ctx.rm_dir, ctx.rm_dir) if up.mode == "finetune" else (ctx.sft_dir, "")
-    pairs, counts = training_pairs(ctx)
-    encoded, stats = encode_pairs(pairs, RewardEncoder(load_any_tokenizer(tok_path), rm_cfg))
+    encoded, stats, counts = encode_training(ctx, RewardEncoder(load_any_tokenizer(tok_path), rm_cfg), tok_path)
     if not encoded:
         raise ValueError(f"round {ctx.round}: no trainable preference pairs ({counts}; {stats.too_long} longer than "
                          f"rm.max_length={rm_cfg.max_length}, {stats.identical} with chosen == rejected)")

@@ -60,8 +60,11 @@ def encode_pairs(pairs: list[PreferencePair], encoder: RewardEncoder) -> tuple[l
     return out, stats
 
 
-def write_encoded(pairs: list[EncodedPair], path: str | Path) -> Path:
-    """One Parquet file (domain, chosen, rejected), written atomically; what the workers read."""
+def write_encoded(pairs: list[EncodedPair], path: str | Path, meta: dict | None = None) -> Path:
+    """One Parquet file (domain, chosen, rejected), written atomically; what the workers read. `meta` goes beside
+    it as meta.json, in the same atomic directory."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -75,6 +78,8 @@ def write_encoded(pairs: list[EncodedPair], path: str | Path) -> Path:
             "rejected": pa.array([p.rejected for p in pairs], type=pa.list_(pa.int32())),
         })
         pq.write_table(table, tmp / "pairs.parquet")
+        if meta is not None:
+            (tmp / "meta.json").write_text(json.dumps(meta))
     return path
 
 

@@ -226,6 +226,41 @@ def test_ties_give_no_pairs_and_empty_replies_still_train_the_rm(tmp_path, monke
     assert stats["online"] == len(slow) and any(p.rejected == "" for p in pairs)
 
 
+def test_the_rm_update_encodes_its_pairs_as_before_with_the_base_pairs_encoded_once(tmp_path, tiny_dir, monkeypatch):
+    import trainer.rm_task as rm_task
+    from data.io import atomic_write_jsonl
+    from data.world import preference_pairs
+    from modeling.reward import RewardEncoder, RewardModelConfig
+    from trainer.lm_tasks import load_any_tokenizer
+
+    crash_at_rm_update(monkeypatch)
+    base = atomic_write_jsonl(tmp_path / "base.jsonl", [r for d in ("math", "helpful") for r in preference_pairs(d, 40, seed=5)])
+    ctx = dataclasses.replace(make_ctx(tmp_path / "run", slow_pairs_per_round=24), base_pairs_path=str(base))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        end_of_round(ctx)  # round 1's slow and fast pairs are on disk
+    pairs, counts = rm_update.training_pairs(ctx)
+    assert counts["fast"] > 0 and counts["online"] > counts["fast"] and counts["online_repeat"] > 1
+    encoder = RewardEncoder(load_any_tokenizer(str(tiny_dir)), RewardModelConfig(max_length=96))
+    expected, expected_stats = rm_task.encode_pairs(pairs, encoder)  # every copy encoded: what the update trained on
+    assert expected_stats.too_long > 0  # the 96-token limit drops some, copies included
+
+    encoded_sizes: list[int] = []
+    real = rm_task.encode_pairs
+    monkeypatch.setattr(rm_task, "encode_pairs", lambda p, e: encoded_sizes.append(len(p)) or real(p, e))
+    for attempt in range(2):
+        got, stats, _ = rm_update.encode_training(ctx, encoder, str(tiny_dir))
+        assert got == expected and stats == expected_stats, attempt  # same pairs, same order, same drop counts
+    # first call: the 80 base pairs, then each online pair once; second call: the base pairs from the cache
+    assert encoded_sizes == [80, counts["online"] - counts["fast"], counts["fast"],
+                             counts["online"] - counts["fast"], counts["fast"]]
+    assert len(list((tmp_path / "run" / "rounds" / "base_encoded").iterdir())) == 1
+    # another RM config (its domain prompts change every base sequence) is another cache entry
+    other = RewardEncoder(load_any_tokenizer(str(tiny_dir)), RewardModelConfig(max_length=96, domains={
+        **RewardModelConfig().domains, "math": "Grade the arithmetic."}))
+    got, _, _ = rm_update.encode_training(ctx, other, str(tiny_dir))
+    assert got == real(pairs, other)[0] and len(list((tmp_path / "run" / "rounds" / "base_encoded").iterdir())) == 2
+
+
 def test_online_pairs_are_repeated_to_their_share_of_the_rm_update():
     # 89 slow pairs beside 8,000 base pairs at share 0.2: 0.2 / 0.8 * 8000 / 89 = 22.47 -> 22 copies each, so
     # 1,958 of 9,958 training pairs (19.7 %) are online pairs rather than 89 of 8,089 (1.1 %).
