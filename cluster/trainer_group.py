@@ -78,7 +78,13 @@ class TrainerWorker:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` in this warm process (e.g. scoring with the model just trained)."""
-        return fn(*args, **kwargs)
+        import torch
+
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # whatever fn loaded is gone with it
 
 
 class TrainerGroup:

@@ -517,7 +517,7 @@ def finish_round(ctx: Context, round_index: int, again: bool = False) -> None:
 
 
 def rm_update_overrides(workers: RMUpdateWorkers) -> dict[str, Any]:
-    """TrainerConfig fields for the RM update's Ray Train workers, sized to what the roles leave free."""
+    """TrainerConfig fields for the RM update's workers (a TrainerGroup), sized to what the roles leave free."""
     import ray
 
     cpus = workers.cpus_per_worker
@@ -525,10 +525,10 @@ def rm_update_overrides(workers: RMUpdateWorkers) -> dict[str, Any]:
         free = ray.available_resources().get("CPU", 0.0)
         if free < 0.1:
             raise RuntimeError(
-                f"the RLHF roles leave {free:g} CPU free, so the RM update's Ray Train worker cannot start; lower "
+                f"the RLHF roles leave {free:g} CPU free, so the RM update's worker cannot start; lower "
                 "placement.<role>.cpus_per_actor or give rm_update_workers.cpus_per_worker explicitly"
             )
-        cpus = min(1.0, round(free - 0.05, 2))  # a little slack for Ray Train's own tasks
+        cpus = min(1.0, round(free - 0.05, 2))  # a little left for other tasks
     return {"num_workers": workers.num_workers, "cpus_per_worker": cpus, "gpus_per_worker": workers.gpus_per_worker,
             "backend": workers.backend}
 

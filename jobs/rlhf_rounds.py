@@ -17,8 +17,9 @@ Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...
   3. slow path: SFT/early/late comparisons -> labeler; labels that arrived for earlier rounds' to_label files too
   4. every preference file written (atomically) before any training
   5. RM_k (`jobs/rlhf_rm_update.py`): finetune of RM_{k-1} (or retrain from SFT) on base + every online pair so
-     far, through the RM TrainTask and cluster.train.fit; old vs new RM accuracy on held-out pairs per domain and on
-     this round's pairs. The last round trains none unless online.rm_update.after_last_round
+     far, through the RM TrainTask on a cluster.trainer_group.TrainerGroup (the driver's warm one); old vs new RM
+     accuracy on held-out pairs per domain and on this round's pairs, in the same group. The last round trains
+     none unless online.rm_update.after_last_round
   6. online/ metrics and the pattern table to ctx.logger, then round.json
 
 Everything a round writes lives in `<run_dir>/rounds/round_<k>/`, in this order:
@@ -32,8 +33,10 @@ Everything a round writes lives in `<run_dir>/rounds/round_<k>/`, in this order:
     pairs.jsonl        fast + slow, each pair id once: this round's new preferences (RoundResult.pairs_path)
     patterns.json      every candidate detector (rates, checks, pairs, "short"), hack rates and pair counts; written
                        last of the pair files, so its presence means this round's preferences are complete
-    rm_train/          the RM update's data and Ray Train files; rm/ the updated RM (moved here when training ends)
+    rm_train/          the RM update's data and checkpoints; rm/ the updated RM (moved here when training ends)
     round.json         the RoundResult (patterns: the detected ones); written last
+  rounds/base_encoded/<key>/   the RM's base pairs encoded for the RM update, once per run (key: base file, tokenizer,
+                       RM config)
 Idempotent: a rerun returns the saved round.json, reuses the pairs when patterns.json exists (and the RM when rm/
 exists), and otherwise starts the round over (nothing partial is ever read back).
 
