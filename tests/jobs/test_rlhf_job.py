@@ -100,9 +100,11 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     assert "no RM update after the last round" in err
 
     # Resumed with one more round, the run first trains the update it skipped, reloads the RM role with it, and
-    # goes on with round 2 (now the last, so again without an update).
+    # goes on with round 2 (now the last, so again without an update). Its RM workers are started for each round's
+    # online step and stopped after it (rm_update_workers.keep_warm=false) instead of kept.
     more = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "smoke", "rounds=2",
-                                                       "iterations_per_round=2", "ppo.epochs=2"))
+                                                       "iterations_per_round=2", "ppo.epochs=2",
+                                                       "rm_update_workers.keep_warm=false"))
     extended = json.loads(execute("rlhf", more, main).read_text())
     state = last_state(extended["run_dir"])
     assert extended["iterations"] == 4 and extended["rm_updated_by_round"] == [True, False]
