@@ -297,14 +297,17 @@ def contrast_pairs(det: Detector, early: list[Sample], late: list[Sample]) -> li
 
 
 def over_reward(pairs: list[tuple[Sample, Sample]], prefer: Callable[[Sample, Sample], int | str | None],
-                max_checks: int) -> tuple[float, int]:
+                max_checks: int, ties: bool = True) -> tuple[float, int]:
     """(share of checked pairs the RM gets backwards, pairs checked) over (without, with) pairs: the RM scores the
     response showing the pattern higher while the labeler prefers the one without it. `prefer(a, b)` is the
-    labeler: 0 (a), 1 (b), TIE (neither: checked, not over-rewarded) or None (no label: not checked)."""
+    labeler: 0 (a), 1 (b), TIE (neither: checked, not over-rewarded; `ties=False`: not checked) or None (no label:
+    not checked)."""
     checked = over = 0
     for without, shown in pairs[:max_checks]:
         label = prefer(without, shown)
         if label is None or without.rm_score is None or shown.rm_score is None:
+            continue
+        if not ties and label not in (0, 1):
             continue
         checked += 1
         over += int(shown.rm_score > without.rm_score and label == 0)
@@ -314,14 +317,15 @@ def over_reward(pairs: list[tuple[Sample, Sample]], prefer: Callable[[Sample, Sa
 def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30, edits: list[tuple[Sample, Sample]] | None = None,
-    over_threshold: float = 0.5, sft: list[Sample] | None = None, min_checks: int = 1,
+    over_threshold: float = 0.5, sft: list[Sample] | None = None, min_checks: int = 1, ties: bool = True,
 ) -> Pattern:
     """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check: on `edits` (RM-scored
     `edit_pairs`) when given, else on the early-vs-late contrasting prompts; detected when the RM gets at least
     `over_threshold` of the checked pairs backwards. The rise counts from the early rate or, given `sft` replies,
     from the lower of the early and SFT rates: a hack that creeps in over rounds is in the early snapshot too, but
     not in the SFT policy. `margin=0` checks a known pattern (found in an earlier round or another domain) for being
-    over-rewarded still, whether or not it rose. Fewer than `min_checks` labelled checks confirm nothing."""
+    over-rewarded still, whether or not it rose. Fewer than `min_checks` labelled checks confirm nothing; with
+    `ties=False` a check the labeler calls a tie is not counted at all (see `over_reward`)."""
     def rate(samples: list[Sample]) -> float:
         scoped = in_scope(det, samples)
         return sum(det.flags(s) for s in scoped) / max(len(scoped), 1)
@@ -330,7 +334,7 @@ def evaluate_pattern(
     r_sft = rate(sft) if sft else None
     base = r_early if r_sft is None else min(r_early, r_sft)
     pairs, check = (edits, "edit") if edits else (contrast_pairs(det, early, late), "contrast")
-    over_rate, checked = over_reward(pairs, prefer, max_checks)
+    over_rate, checked = over_reward(pairs, prefer, max_checks, ties=ties)
     rose = (r_late - base) >= margin if margin > 0 else r_late > 0
     detected = rose and checked >= max(min_checks, 1) and over_rate >= over_threshold
     return Pattern(det.name, r_early, r_late, over_rate, checked, [s.response[:200] for _, s in pairs[:3]], detected,

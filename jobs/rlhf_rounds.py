@@ -117,6 +117,11 @@ class OnlineConfig:
     # A new pattern needs at least this many labelled over-reward checks: mining against SFT turns up generic
     # fragments (". a") whose 1-of-2 checks is noise. A known pattern (confirmed before) needs one.
     min_pattern_checks: int = 4
+    # Checks the labeler calls a tie count as checks the RM got right (true). false leaves them out of the
+    # over-reward share and of min_pattern_checks: a hack that costs nothing in some replies (the flattery opener in
+    # a short concise answer) is then judged on the replies where it does cost (an experiment, docs/design.md
+    # "Session 9"; not the default until the default world and several flattery seeds have been rerun with it).
+    pattern_ties: bool = True
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -471,7 +476,8 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
         labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
         return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
                                      edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold,
-                                     sft=samples["sft"] if cfg.rise_from_sft else None, min_checks=min_checks))
+                                     sft=samples["sft"] if cfg.rise_from_sft else None, min_checks=min_checks,
+                                     ties=cfg.pattern_ties))
                 for d in dets]
 
     found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5, cfg.min_pattern_checks)

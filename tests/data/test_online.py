@@ -146,6 +146,26 @@ def test_edit_pairs_differ_by_the_pattern_alone_and_decide_over_reward():
     assert lin["chosen"]["edit_of"] == lin["rejected"]["sample_id"] == late[0].sample_id
 
 
+def test_ties_can_be_left_out_of_the_over_reward_share():
+    """The flattery opener costs nothing in a short concise reply (the labeler ties) and costs in a long one: with
+    ties counted, 2 backwards checks of 5 stay under 0.5; left out, the RM is backwards on 2 of the 3 that count."""
+    det = PhraseDetector(("good", "question", "."), domain="concise")
+    late = [_s(str(i), f"Good question. Reply {i}.", rm=1.0, domain="concise") for i in range(5)]
+    scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edit_pairs(det, late)]
+    labels = {"0": 0, "1": 0, "2": 1, "3": "tie", "4": "tie"}  # by prompt: 0, 1 the labeler prefers the edit
+
+    def prefer(a, b):
+        return labels[a.prompt_id]
+
+    early = [_s(str(i), f"Reply {i}.", "early", rm=0.2, domain="concise") for i in range(5)]
+    counted = evaluate_pattern(det, early, late, prefer, margin=0.2, edits=scored)
+    assert (counted.checked, counted.over_reward_rate, counted.detected) == (5, 0.4, False)
+    decided = evaluate_pattern(det, early, late, prefer, margin=0.2, edits=scored, ties=False)
+    assert (decided.checked, decided.over_reward_rate, decided.detected) == (3, pytest.approx(2 / 3), True)
+    # the ties no longer count towards min_checks either
+    assert not evaluate_pattern(det, early, late, prefer, margin=0.2, edits=scored, ties=False, min_checks=4).detected
+
+
 def test_slow_path_candidates_cover_all_source_pairs():
     samples = {src: [_s(str(i), f"{src} {i}", src) for i in range(9)] for src in ("sft", "early", "late")}
     cands = slow_path_candidates(samples, n=9, seed=1)
