@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,7 +199,8 @@ def trainer_config(ctx: RoundContext) -> TrainerConfig:
 
 class RoundTrainer:
     """Where the round's RM update and evaluation run (`.group`): the driver's warm TrainerGroup
-    (RoundContext.rm_trainer), else one started on first use from trainer_config(ctx), stopped by close()."""
+    (RoundContext.rm_trainer), else one started on first use from trainer_config(ctx) and stopped when the `with`
+    block ends."""
 
     def __init__(self, ctx: RoundContext):
         self.ctx, self._own = ctx, None
@@ -216,19 +215,13 @@ class RoundTrainer:
             self._own = TrainerGroup.for_config(trainer_config(self.ctx), name="rm_update")
         return self._own
 
-    def close(self) -> None:
+    def __enter__(self) -> RoundTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self._own is not None:
             self._own.shutdown()
             self._own = None
-
-
-@contextmanager
-def rm_trainer(ctx: RoundContext) -> Iterator[RoundTrainer]:
-    trainer = RoundTrainer(ctx)
-    try:
-        yield trainer
-    finally:
-        trainer.close()
 
 
 def update_rm(ctx: RoundContext, trainer: RoundTrainer) -> dict:

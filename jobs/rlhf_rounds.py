@@ -75,7 +75,7 @@ from data.online import (
     slow_path_candidates,
 )
 from data.world import TIE, Labeler, Prompt
-from jobs.rlhf_rm_update import RMUpdateConfig, evaluate_round, prior_round_dirs, rm_trainer, update_rm
+from jobs.rlhf_rm_update import RMUpdateConfig, RoundTrainer, evaluate_round, prior_round_dirs, update_rm
 
 SOURCES = ("sft", "early", "late")
 
@@ -225,7 +225,7 @@ def end_of_round(ctx: RoundContext) -> RoundResult:
         collect_preferences(ctx)
     collected = json.loads((rdir / "patterns.json").read_text())
     seconds["seconds_collect"], started = round(time.time() - started, 2), time.time()
-    with rm_trainer(ctx) as trainer:
+    with RoundTrainer(ctx) as trainer:
         trained = update_rm(ctx, trainer) if update else {"model_dir": ctx.rm_dir}
         seconds["seconds_rm_update"], started = round(time.time() - started, 2), time.time()
         rm_eval = evaluate_round(ctx, trainer, trained if update else None)
