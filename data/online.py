@@ -200,8 +200,17 @@ def _ngrams(w: list[str], n_min: int, n_max: int) -> set[tuple[str, ...]]:
     return {tuple(w[i : i + n]) for n in range(n_min, n_max + 1) for i in range(len(w) - n + 1)}
 
 
+TOP_FRACTION = 0.5  # the "top-reward" replies: this share of a round's late replies, by RM score
+
+
+def top_reward(samples: list[Sample], fraction: float = TOP_FRACTION) -> list[Sample]:
+    """The `fraction` of `samples` the RM scored highest (at least one; unscored samples are left out)."""
+    scored = sorted((s for s in samples if s.rm_score is not None), key=lambda s: s.rm_score, reverse=True)
+    return scored[: max(1, int(len(scored) * fraction))]
+
+
 def mine_rising_phrases(
-    early: list[Sample], late: list[Sample], *, margin: float = 0.2, top_fraction: float = 0.5,
+    early: list[Sample], late: list[Sample], *, margin: float = 0.2, top_fraction: float = TOP_FRACTION,
     n_range: tuple[int, int] = (2, 4), max_phrases: int = 3, min_count: int = 2,
 ) -> list[tuple[tuple[str, ...], float, float]]:
     """Word n-grams whose document frequency among the top-reward late samples exceeds their frequency among
@@ -209,8 +218,7 @@ def mine_rising_phrases(
     yields one pattern: a phrase is dropped when it contains or is contained in a stronger kept one, or when it
     occurs in exactly the same top samples as a kept one (overlapping pieces of one planted sentence). A phrase
     in fewer than `min_count` top samples is noise (e.g. a number next to the planted sentence), never a pattern."""
-    scored = sorted((s for s in late if s.rm_score is not None), key=lambda s: s.rm_score, reverse=True)
-    top = scored[: max(1, int(len(scored) * top_fraction))] if scored else late
+    top = top_reward(late, top_fraction) or late
     if not top or not early:
         return []
     support: dict[tuple[str, ...], set[int]] = defaultdict(set)  # gram -> indices of the top samples holding it
@@ -252,6 +260,19 @@ def mine_rising_phrases_by_domain(
     return out
 
 
+def distinct_behaviours(dets: list[PhraseDetector], late: list[Sample]) -> list[PhraseDetector]:
+    """`dets` (in order) less each phrase whose late replies (within its scope) all show a phrase that shows in more
+    of them: the same behaviour seen through another window ("question . dry the" inside "Good question. Dry the
+    ..."), mined against another baseline, or in one domain after the pooled miner found it. The miner drops such
+    pieces within one call; this drops them across calls. A phrase no late reply shows is kept."""
+    flagged = {d.name: [s for s in in_scope(d, late) if d.flags(s)] for d in dets}
+    kept: list[PhraseDetector] = []
+    for d in sorted(dets, key=lambda d: -len(flagged[d.name])):  # stable: ties keep their order
+        if not (flagged[d.name] and any(all(k.flags(s) for s in flagged[d.name]) for k in kept)):
+            kept.append(d)
+    return [d for d in dets if d in kept]
+
+
 # Fixed detectors by name; "rising_pattern" is not one detector but the miner above, which yields one
 # PhraseDetector per rising phrase.
 STATIC_DETECTORS: dict[str, Callable[[], Detector]] = {"length_blowup": LengthBlowup, "repetition": Repetition}
@@ -272,6 +293,8 @@ class Pattern:
     detected: bool
     check: str = "contrast"  # which pairs the over-reward rate was measured on: "contrast" (early vs late) | "edit"
     rate_sft: float | None = None  # the SFT policy's rate, when its replies were given (the rise counts from it too)
+    rate_late_top: float | None = None  # the rate among the top-reward late replies (`top_reward`, in scope)
+    rose: bool = False  # passed the rise test (`rise_on`); detected = rose and enough checks backwards
 
 
 def hack_rate(samples: list[Sample], detectors: Iterable[Detector]) -> float:
@@ -318,27 +341,46 @@ def evaluate_pattern(
     det: Detector, early: list[Sample], late: list[Sample], prefer: Callable[[Sample, Sample], int | str | None],
     *, margin: float, max_checks: int = 30, edits: list[tuple[Sample, Sample]] | None = None,
     over_threshold: float = 0.5, sft: list[Sample] | None = None, min_checks: int = 1, ties: bool = True,
+    rise_on: str = "all", contrast: list[tuple[Sample, Sample]] | None = None,
 ) -> Pattern:
     """Rate rise (within the detector's scope, see `in_scope`) plus the over-reward check: on `edits` (RM-scored
-    `edit_pairs`) when given, else on the early-vs-late contrasting prompts; detected when the RM gets at least
-    `over_threshold` of the checked pairs backwards. The rise counts from the early rate or, given `sft` replies,
-    from the lower of the early and SFT rates: a hack that creeps in over rounds is in the early snapshot too, but
-    not in the SFT policy. `margin=0` checks a known pattern (found in an earlier round or another domain) for being
-    over-rewarded still, whether or not it rose. Fewer than `min_checks` labelled checks confirm nothing; with
-    `ties=False` a check the labeler calls a tie is not counted at all (see `over_reward`)."""
+    `edit_pairs`) when given, else on `contrast` pairs, else on the early-vs-late contrasting prompts of `early` and
+    `late`; detected when the RM gets at least `over_threshold` of the checked pairs backwards. The rise counts from
+    the early rate or, given `sft` replies, from the lower of the early and SFT rates: a hack that creeps in over
+    rounds is in the early snapshot too, but not in the SFT policy. It is measured on every late reply
+    (`rise_on="all"`: the policy has learnt it) or on the top-reward half (`"top"`: the RM pays for it, the test
+    the miner applies; the report's "rises among top-reward samples"). `margin=0` checks a known pattern (found in
+    an earlier round or another domain) for being over-rewarded still, whether or not it rose. Fewer than
+    `min_checks` labelled checks confirm nothing; with `ties=False` a check the labeler calls a tie is not counted at
+    all (see `over_reward`)."""
+    if rise_on not in ("all", "top"):
+        raise ValueError(f"rise_on must be 'all' or 'top' (got {rise_on!r})")
+
     def rate(samples: list[Sample]) -> float:
         scoped = in_scope(det, samples)
         return sum(det.flags(s) for s in scoped) / max(len(scoped), 1)
 
     r_early, r_late = rate(early), rate(late)
+    r_top = rate(top_reward(in_scope(det, late))) if late else 0.0
     r_sft = rate(sft) if sft else None
     base = r_early if r_sft is None else min(r_early, r_sft)
-    pairs, check = (edits, "edit") if edits else (contrast_pairs(det, early, late), "contrast")
+    if edits:
+        pairs, check = edits, "edit"
+    else:
+        pairs, check = (contrast if contrast is not None else contrast_pairs(det, early, late)), "contrast"
     over_rate, checked = over_reward(pairs, prefer, max_checks, ties=ties)
-    rose = (r_late - base) >= margin if margin > 0 else r_late > 0
+    rise = (r_top if rise_on == "top" else r_late) - base
+    rose = rise >= margin if margin > 0 else r_late > 0
     detected = rose and checked >= max(min_checks, 1) and over_rate >= over_threshold
     return Pattern(det.name, r_early, r_late, over_rate, checked, [s.response[:200] for _, s in pairs[:3]], detected,
-                   check, r_sft)
+                   check, r_sft, r_top, rose)
+
+
+def undecided(pattern: Pattern, *, min_checks: int, over_threshold: float = 0.5) -> bool:
+    """A pattern that rose and that the RM got backwards on at least `over_threshold` of its checks, but on fewer
+    than `min_checks` checks: more replies showing it would decide it either way."""
+    return (pattern.rose and not pattern.detected and 1 <= pattern.checked < min_checks
+            and pattern.over_reward_rate >= over_threshold)
 
 
 def edit_pairs(det: Detector, late: list[Sample]) -> list[tuple[Sample, Sample]]:

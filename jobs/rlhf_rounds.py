@@ -6,11 +6,13 @@ Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...
   1. prompts_per_source train prompts spread over online.domains (seeded by run seed and round); SFT, early and
      late responses from ctx.generate, scored by ctx.rm_score and the world's oracle -> Samples with lineage; in
      each domain where an earlier round confirmed a pattern, late responses on fresh prompts up to track_samples
-  2. fast path: static detectors (fitted on SFT + early) and one PhraseDetector per rising phrase; a detector is a
-     pattern when its rate rises by rise_margin (from the early or the SFT replies) and the labeler disagrees with
-     the RM on >= half of at least min_pattern_checks checked pairs: edit pairs (the late reply with the pattern
-     cut out vs the late reply) where the detector can cut its pattern out, else early-vs-late replies to prompts
-     where only the late one shows it. A phrase confirmed in an earlier round, or this round in another domain, is
+  2. fast path: static detectors (fitted on SFT + early) and one PhraseDetector per rising phrase (one per
+     behaviour: a phrase only ever seen inside a wider one is dropped); a detector is a pattern when its rate among
+     the top-reward late replies (online.rise_on) rises by rise_margin (from the early or the SFT replies) and the
+     labeler disagrees with the RM on >= half of at least min_pattern_checks checked pairs: edit pairs (the late
+     reply with the pattern cut out vs the late reply) where the detector can cut its pattern out, else
+     early-vs-late replies to prompts where only the late one shows it. A candidate backwards on at least half of
+     too few checks gets more replies sampled where it shows (online.check_tries). A phrase confirmed in an earlier round, or this round in another domain, is
      checked again in every domain where late replies show it, rising or not ("known"; patched again while the RM
      gets known_over_reward of its checks backwards). Each pattern gives edited > late (or early > late) pairs, at most
      pairs_per_pattern_max
@@ -72,7 +74,7 @@ from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
     STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, edit_pairs, evaluate_pattern,
     fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
-    slow_path_candidates,
+    slow_path_candidates, undecided, distinct_behaviours,
 )
 from data.world import TIE, Labeler, Prompt
 from jobs.rlhf_rm_update import RMUpdateConfig, RoundTrainer, evaluate_round, prior_round_dirs, update_rm
@@ -91,7 +93,7 @@ class OnlineConfig:
     judge_url: str = ""  # labeler=http
     slow_pairs_per_round: int = 60
     prompts_per_source: int = 48  # prompts on which SFT / early / late responses are sampled
-    rise_margin: float = 0.2  # a pattern counts when its late rate exceeds the early rate by this much
+    rise_margin: float = 0.2  # a pattern counts when its late rate (see rise_on) exceeds the early rate by this much
     # Pairs that expose a pattern: "contrast" = early > late on prompts where only the late response shows it (the
     # report's reading); "edit" = the late response with the pattern cut out > the late response, for detectors that
     # can cut theirs out (a phrase, repeated sentences; length_blowup keeps contrast pairs). Contrast pairs also
@@ -122,6 +124,14 @@ class OnlineConfig:
     # a short concise answer) is then judged on the replies where it does cost (an experiment, docs/design.md
     # "Session 9"; not the default until the default world and several flattery seeds have been rerun with it).
     pattern_ties: bool = True
+    # Where a new pattern's rise is measured: "all" late replies of its scope (the policy has learnt it) or the
+    # "top"-reward half of them (the RM pays for it; the test the miner applies, and the report's "rises among
+    # top-reward samples"). "top" sees a hack before the policy has spread it (docs/design.md "Session 10").
+    rise_on: str = "top"
+    # Extra early/late batches (as extra_sampling_tries) for a candidate that rose and that the RM got backwards on
+    # at least half of too few checks (fewer than min_pattern_checks): the first round of a hack shows it in two
+    # or three replies of a domain, and 2 of 2 checks backwards decided nothing. 0 = leave it undecided.
+    check_tries: int = 2
 
     def __post_init__(self) -> None:
         from data.online import DETECTOR_NAMES
@@ -148,6 +158,12 @@ class OnlineConfig:
         if not 0.0 < self.known_over_reward <= 1.0:
             raise ValueError(f"online.known_over_reward must be in (0, 1] (got {self.known_over_reward}): the share of a "
                              "known pattern's checks the RM must get backwards for it to be patched again")
+        if self.rise_on not in ("all", "top"):
+            raise ValueError(f"online.rise_on must be all or top (got {self.rise_on!r}): where a new pattern's rise is "
+                             "measured, over every late reply or over the top-reward half")
+        if self.check_tries < 0:
+            raise ValueError(f"online.check_tries must be >= 0 (got {self.check_tries}): extra sampling batches for an "
+                             "undecided pattern")
         if self.min_pattern_checks < 1:
             raise ValueError(f"online.min_pattern_checks must be >= 1 (got {self.min_pattern_checks})")
         if self.track_samples < 0:
@@ -360,30 +376,33 @@ def build_detectors(cfg: OnlineConfig, samples: dict[str, list[Sample]]) -> list
         for base in baselines:
             pooled += [p for p, _, _ in mine_rising_phrases(base, samples["late"], margin=cfg.rise_margin)
                        if p not in pooled]
-        detectors += [PhraseDetector(p) for p in pooled]
-        confined: set[tuple[tuple[str, ...], str]] = set()
+        phrases = [PhraseDetector(p) for p in pooled]
         for base in baselines:
             for phrase, domain, _, _ in mine_rising_phrases_by_domain(base, samples["late"], margin=cfg.rise_margin):
-                if phrase not in pooled and (phrase, domain) not in confined:
-                    confined.add((phrase, domain))
-                    detectors.append(PhraseDetector(phrase, domain=domain))
+                det = PhraseDetector(phrase, domain=domain)
+                if phrase not in pooled and det not in phrases:
+                    phrases.append(det)
+        detectors += distinct_behaviours(phrases, samples["late"])
     return detectors
 
 
 def top_up(ctx: RoundContext, short: list[Detector], early: list[Sample], late: list[Sample],
-           seen: set[str], labels: LabelBook, available: Callable[[Detector], int]) -> tuple[list[Sample], int]:
-    """Early + late responses on fresh prompts until every `short` pattern has pairs_per_pattern_min pairs
-    (`available(det)`: edit pairs or contrasting prompts), or extra_sampling_tries batches were drawn.
-    Returns (new samples, batches drawn)."""
-    cfg, extra, tries = ctx.cfg, [], 0
-    while tries < cfg.extra_sampling_tries:
-        short = [d for d in short if available(d) < cfg.pairs_per_pattern_min]
+           seen: set[str], labels: LabelBook, available: Callable[[Detector], int], *, need: int | None = None,
+           tries: int | None = None, tag: str = "extra") -> tuple[list[Sample], int]:
+    """Early + late responses on fresh prompts until every `short` pattern has `need` (default pairs_per_pattern_min)
+    pairs (`available(det)`: edit pairs or contrasting prompts), or `tries` (default extra_sampling_tries) batches
+    were drawn. `tag` seeds the prompts. Returns (new samples, batches drawn)."""
+    cfg, extra, drawn = ctx.cfg, [], 0
+    need = cfg.pairs_per_pattern_min if need is None else need
+    tries = cfg.extra_sampling_tries if tries is None else tries
+    while drawn < tries:
+        short = [d for d in short if available(d) < need]
         if not short:
             break
         # Draw where the patterns showed up: other domains would rarely give a contrasting prompt.
         domains = sorted({s.domain for d in short for s in late if d.flags(s)}) or cfg.prompt_domains
-        tries += 1
-        fresh = [p for p in round_prompts(domains, cfg.prompts_per_source, _seed("extra", ctx.seed, ctx.round, tries))
+        drawn += 1
+        fresh = [p for p in round_prompts(domains, cfg.prompts_per_source, _seed(tag, ctx.seed, ctx.round, drawn))
                  if p.id not in seen]
         if not fresh:
             continue
@@ -393,7 +412,7 @@ def top_up(ctx: RoundContext, short: list[Detector], early: list[Sample], late: 
         early.extend(new["early"])
         late.extend(new["late"])
         extra += new["early"] + new["late"]
-    return extra, tries
+    return extra, drawn
 
 
 def uses_edits(cfg: OnlineConfig, det: Detector) -> bool:
@@ -466,31 +485,44 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
     test and the hack rates use `samples` only. Returns the fast-path part of patterns.json."""
     cfg = ctx.cfg
     early, late = list(samples["early"]), list(samples["late"]) + list(extra_late)
+    rate_early, rate_late = list(early), list(late)  # the rise is measured on these, before any top-up
+
+    def check_pairs(det: Detector) -> list[tuple[Sample, Sample]]:
+        return edit_pairs(det, late) if uses_edits(cfg, det) else contrast_pairs(det, early, late)
 
     def evaluate(dets: list[Detector], margin: float, threshold: float, min_checks: int) -> list[tuple[Detector, Any]]:
-        checks = {d.name: (edit_pairs(d, late) if uses_edits(cfg, d) else contrast_pairs(d, early, late))[: cfg.pattern_checks]
-                  for d in dets}
+        checks = {d.name: check_pairs(d)[: cfg.pattern_checks] for d in dets}
         edited = [pair for d in dets if uses_edits(cfg, d) for pair in checks[d.name]]
         scored = iter(scored_edits(ctx, labels, edited))  # one RM batch for every edit checked this round
         checks = {d.name: [next(scored) for _ in checks[d.name]] if uses_edits(cfg, d) else checks[d.name] for d in dets}
         labels.label([pair for d in dets for pair in checks[d.name]], purpose="pattern_check")  # one labeler batch
-        return [(d, evaluate_pattern(d, early, late, labels.prefer, margin=margin, max_checks=cfg.pattern_checks,
-                                     edits=checks[d.name] if uses_edits(cfg, d) else None, over_threshold=threshold,
-                                     sft=samples["sft"] if cfg.rise_from_sft else None, min_checks=min_checks,
-                                     ties=cfg.pattern_ties))
+        return [(d, evaluate_pattern(d, rate_early, rate_late, labels.prefer, margin=margin,
+                                     max_checks=cfg.pattern_checks,
+                                     edits=checks[d.name] if uses_edits(cfg, d) else None,
+                                     contrast=None if uses_edits(cfg, d) else checks[d.name],
+                                     over_threshold=threshold, sft=samples["sft"] if cfg.rise_from_sft else None,
+                                     min_checks=min_checks, ties=cfg.pattern_ties, rise_on=cfg.rise_on))
                 for d in dets]
 
     found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5, cfg.min_pattern_checks)
+    # Undecided candidates (rose, backwards on every check or half of them, too few checks): sample more replies
+    # where they show and check them again on the larger set; the rise stays the one measured above.
+    pending = [det for det, pat in found if undecided(pat, min_checks=cfg.min_pattern_checks)]
+    checked_more, check_batches = ([], 0)
+    if pending and cfg.check_tries:
+        checked_more, check_batches = top_up(ctx, pending, early, late, seen, labels, lambda d: len(check_pairs(d)),
+                                             need=cfg.min_pattern_checks, tries=cfg.check_tries, tag="check")
+        again = dict((det.name, pat) for det, pat in evaluate(pending, cfg.rise_margin, 0.5, cfg.min_pattern_checks))
+        found = [(det, again.get(det.name, pat)) for det, pat in found]
     known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward, 1)
     kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
     kinds.update({det.name: "known" for det, _ in known})
     rechecked = {det.name for det, _ in known}  # a mined candidate checked again as known: its known check counts
     found = [(det, pat) for det, pat in found if det.name not in rechecked] + known
 
-    def available(det: Detector) -> int:
-        return len(edit_pairs(det, late) if uses_edits(cfg, det) else contrast_pairs(det, early, late))
-
-    extra, tries = top_up(ctx, [det for det, p in found if p.detected], early, late, seen, labels, available)
+    extra, tries = top_up(ctx, [det for det, p in found if p.detected], early, late, seen, labels,
+                          lambda d: len(check_pairs(d)))
+    extra, tries = checked_more + extra, check_batches + tries
     rows: dict[str, dict] = {}  # one row per pair id: a late response can show two patterns
     patterns = []
     for det, pat in found:
@@ -625,17 +657,19 @@ def collect_preferences(ctx: RoundContext) -> None:
 
 # ---------------------------------------------------------------------------------------------- logging
 
-PATTERN_COLUMNS = ["name", "kind", "detected", "rate_sft", "rate_early", "rate_late", "over_reward_rate", "checked",
-                   "contrast_prompts", "pairs", "short", "example"]
+PATTERN_COLUMNS = ["name", "kind", "detected", "rate_sft", "rate_early", "rate_late", "rate_late_top",
+                   "over_reward_rate", "checked", "contrast_prompts", "pairs", "short", "example"]
 
 
 def log_round(ctx: RoundContext, result: RoundResult) -> None:
     """One row of online/ metrics and the pattern table (every candidate, detected or not) in ctx.logger."""
     collected = json.loads((ctx.round_dir / "patterns.json").read_text())
-    rows = [[p["name"], p["kind"], p["detected"], None if p.get("rate_sft") is None else round(p["rate_sft"], 4),
-             round(p["rate_early"], 4), round(p["rate_late"], 4),
-             round(p["over_reward_rate"], 4), p["checked"], p["contrast_prompts"], p["pairs"], p["short"],
-             (p["examples"] or [""])[0]] for p in collected["patterns"]]
+    def r4(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
+    rows = [[p["name"], p["kind"], p["detected"], r4(p.get("rate_sft")), r4(p["rate_early"]), r4(p["rate_late"]),
+             r4(p.get("rate_late_top")), r4(p["over_reward_rate"]), p["checked"], p["contrast_prompts"], p["pairs"],
+             p["short"], (p["examples"] or [""])[0]] for p in collected["patterns"]]
     ctx.logger.log_table(f"online/round_{ctx.round}/patterns", PATTERN_COLUMNS, rows)
     metrics: dict[str, Any] = {"online/round": ctx.round, "online/hack_rate_early": result.hack_rate_early,
                                "online/hack_rate_late": result.hack_rate_late,

@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from data.online import (
-    LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, edit_pairs, evaluate_pattern, fast_path_pairs,
+    LengthBlowup, PhraseDetector, distinct_behaviours, Repetition, Sample, contrast_pairs, edit_pairs, evaluate_pattern, fast_path_pairs,
     hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
-    slow_path_candidates, words,
+    slow_path_candidates, top_reward, undecided, words,
 )
 
 
@@ -270,3 +270,45 @@ def test_a_new_pattern_needs_enough_checks_to_be_confirmed():
     two = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, min_checks=4)
     assert (two.over_reward_rate, two.checked, two.detected) == (1.0, 2, False)  # 2 of 2 is not yet evidence
     assert evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, min_checks=2).detected
+
+
+def test_the_rise_can_be_measured_among_the_top_reward_replies():
+    """One of eight late replies has the opener (0.125 over all, under the 0.2 margin), and the RM ranks it first,
+    so it is one of the four top-reward replies (0.25): the RM pays for it before the policy has spread it."""
+    det = PhraseDetector(("good", "question", "."), domain="helpful")
+    early = [_s(str(i), f"Wash cup {i}.", "early", rm=0.5) for i in range(8)]
+    late = [_s("0", "Good question. Wash cup 0.", rm=1.0)] + [_s(str(i), f"Wash cup {i}.", rm=1.0 - 0.1 * i)
+                                                            for i in range(1, 8)]
+    assert [s.prompt_id for s in top_reward(late)] == ["0", "1", "2", "3"]
+    scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edit_pairs(det, late)]
+    everywhere = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored)
+    assert (everywhere.rate_late, everywhere.rate_late_top, everywhere.rose, everywhere.detected) == (0.125, 0.25, False, False)
+    at_top = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, rise_on="top")
+    assert (at_top.rose, at_top.detected) == (True, True)
+    # With four checks needed, its one check (backwards) leaves it undecided: worth more replies.
+    needs_four = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, rise_on="top",
+                                  min_checks=4)
+    assert not needs_four.detected and undecided(needs_four, min_checks=4)
+    assert not undecided(everywhere, min_checks=4)  # it did not rise
+    right = evaluate_pattern(det, early, late, lambda a, b: 1, margin=0.2, edits=scored, rise_on="top", min_checks=4)
+    assert not undecided(right, min_checks=4)  # the labeler agrees with the RM: nothing to decide
+    with pytest.raises(ValueError, match="rise_on"):
+        evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, rise_on="best")
+
+
+def test_a_piece_of_a_mined_phrase_seen_through_another_window_is_one_behaviour():
+    """"question . dry the" only ever appears inside "Good question. Dry the ...": the same opener, so it is dropped;
+    "rinse it" also shows without the opener, so it is a behaviour of its own, and a phrase no reply shows stays."""
+    late = [_s("0", "Good question. Dry the cup. Rinse it.", rm=2.0, domain="detailed"),
+            _s("1", "Good question. Dry the pan.", rm=1.9, domain="detailed"),
+            _s("2", "Good question. Wash the pan.", rm=1.8, domain="detailed"),
+            _s("3", "Wash the cup. Rinse it.", rm=0.1, domain="detailed")]
+    piece = PhraseDetector(("question", ".", "dry", "the"), domain="detailed")
+    opener = PhraseDetector(("good", "question", "."))
+    rinse = PhraseDetector(("rinse", "it"), domain="detailed")
+    unseen = PhraseDetector(("wash", "the", "plate"), domain="detailed")
+    # The piece comes first (another baseline mined it first); the opener shows in each of its replies and more.
+    assert distinct_behaviours([piece, opener, rinse, unseen], late) == [opener, rinse, unseen]
+    local = PhraseDetector(("good", "question", "."), domain="detailed")
+    assert distinct_behaviours([piece, local], late) == [local]
+    assert distinct_behaviours([piece, rinse], late) == [piece, rinse]  # neither explains the other

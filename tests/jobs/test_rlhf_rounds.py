@@ -129,7 +129,7 @@ def test_file_labels_partial_only_labelled_pairs_used_rest_queued_and_picked_up_
 
 def test_short_pattern_gets_fresh_prompts_or_keeps_its_few_pairs_flagged_short(tmp_path):
     def mined(run_dir: Path, tries: int) -> tuple[dict, dict]:
-        ctx = make_ctx(run_dir, prompts_per_source=16, extra_sampling_tries=tries, slow_path=False)
+        ctx = make_ctx(run_dir, prompts_per_source=16, extra_sampling_tries=tries, check_tries=0, slow_path=False)
         rounds.collect_preferences(ctx)
         collected = json.loads((ctx.round_dir / "patterns.json").read_text())
         return next(p for p in collected["patterns"] if p["kind"] == "mined"), collected["pair_counts"]
@@ -458,3 +458,25 @@ def test_a_candidate_under_the_margin_is_checked_again_once_its_phrase_is_confir
     late = [Sample(str(i), d, [], f"Ok. {FILLER}", "late", 1, 8) for i, d in enumerate(["math", "helpful"] * 2)]
     known = rounds.known_detectors(make_ctx(tmp_path / "run"), found, late)
     assert [det.name for det in known] == [f"phrase:{' '.join(phrase)}@helpful"]
+
+
+def test_an_undecided_candidate_gets_more_replies_until_its_checks_decide_it(tmp_path):
+    """Four prompts show the filler in about three late replies: three checks, all backwards, short of the six this
+    run asks for. With online.check_tries the round samples more replies where it shows and confirms it; the rise
+    is still measured on the round's own replies."""
+    def mined(run_dir: Path, tries: int) -> tuple[dict, dict]:
+        ctx = make_ctx(run_dir, prompts_per_source=4, check_tries=tries, extra_sampling_tries=0, min_pattern_checks=6,
+                       slow_path=False)
+        rounds.collect_preferences(ctx)
+        collected = json.loads((ctx.round_dir / "patterns.json").read_text())
+        return next(p for p in collected["patterns"] if p["kind"] == "mined"), collected["pair_counts"]
+
+    alone, counts = mined(tmp_path / "no_tries", tries=0)
+    assert not alone["detected"] and 1 <= alone["checked"] < 6 and alone["over_reward_rate"] == 1.0
+    assert counts["extra_samples"] == 0 and counts["fast"] == 0
+    more, counts = mined(tmp_path / "tries", tries=2)
+    assert more["detected"] and more["checked"] >= 6 and more["pairs"] > 0 and counts["fast"] >= more["pairs"]
+    assert counts["extra_samples"] > 0 and 1 <= counts["extra_sampling_tries"] <= 2
+    assert (more["rate_early"], more["rate_late"]) == (alone["rate_early"], alone["rate_late"])
+    saved = rows(tmp_path / "tries" / "rounds" / "round_1" / "samples.jsonl")
+    assert len(saved) == 3 * 4 + counts["extra_samples"]  # the extra replies are kept with their lineage
