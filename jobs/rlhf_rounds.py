@@ -702,7 +702,9 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
     """Each pattern detected in a round, measured with that round's detector on the late policy of every round
     from then on, so "did the hack go away" compares like with like (each round's own hack_rate uses detectors
     refitted and re-mined on that round's samples). One entry per (pattern, round found), with
-    `late_rate_by_round` (from the round it was found) and `reduction` = 1 - last / first (None if first is 0)."""
+    `late_rate_by_round` (from the round it was found), `reduction` = 1 - last / first (None if first is 0) and
+    `sft_rate`, its rate among the SFT policy's replies of every round (a habit SFT had is not a hack to remove;
+    None when no SFT replies in its scope were sampled)."""
     root = Path(run_dir) / "rounds"
     rounds_seen = sorted(int(d.name.removeprefix("round_")) for d in root.glob("round_*")
                          if d.name.removeprefix("round_").isdigit() and (d / "patterns.json").exists())
@@ -720,6 +722,8 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
             rates = [hack_rate(in_scope(det, [s for s in samples.get(k, []) if s.source == "late"]), [det])
                      for k in rounds_seen if k >= r]
             first, last = rates[0], rates[-1]
+            sft = in_scope(det, [s for k in rounds_seen for s in samples.get(k, []) if s.source == "sft"])
             out.append({"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,
-                        "reduction": (1 - last / first) if first > 0 else None})
+                        "reduction": (1 - last / first) if first > 0 else None,
+                        "sft_rate": hack_rate(sft, [det]) if sft else None})
     return out

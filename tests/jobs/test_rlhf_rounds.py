@@ -318,6 +318,7 @@ def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later
     rates = mined[0]["late_rate_by_round"]
     assert len(rates) == 3 and rates[0] > 0.5 and rates[0] > rates[1] > rates[2] == 0.0
     assert mined[0]["reduction"] == 1.0
+    assert mined[0]["sft_rate"] == 0.0  # the SFT policy never pads: the whole round-1 rate was the hack
 
 
 # ---------------------------------------------------------------------------------------------- end to end
