@@ -12,10 +12,10 @@ Called by `jobs/rlhf.py` once per round:  result = end_of_round(RoundContext(...
      labeler disagrees with the RM on >= half of at least min_pattern_checks checked pairs: edit pairs (the late
      reply with the pattern cut out vs the late reply) where the detector can cut its pattern out, else
      early-vs-late replies to prompts where only the late one shows it. A candidate backwards on at least half of
-     too few checks gets more replies sampled where it shows (online.check_tries). A phrase confirmed in an earlier round, or this round in another domain, is
-     checked again in every domain where late replies show it, rising or not ("known"; patched again while the RM
-     gets known_over_reward of its checks backwards). Each pattern gives edited > late (or early > late) pairs, at most
-     pairs_per_pattern_max
+     too few checks gets more replies sampled where it shows (online.check_tries). A phrase confirmed in an earlier
+     round, or this round in another domain, is checked again in every domain where late replies show it, rising
+     or not ("known"; patched again while the RM gets known_over_reward of its checks backwards). Each pattern
+     gives edited > late (or early > late) pairs, at most pairs_per_pattern_max
   3. slow path: SFT/early/late comparisons -> labeler; labels that arrived for earlier rounds' to_label files too
   4. every preference file written (atomically) before any training
   5. RM_k (`jobs/rlhf_rm_update.py`): finetune of RM_{k-1} (or retrain from SFT) on base + every online pair so
@@ -74,7 +74,7 @@ from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
     STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, edit_pairs, evaluate_pattern,
     fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
-    slow_path_candidates, undecided, distinct_behaviours,
+    slow_path_candidates, distinct_behaviours, undecided,
 )
 from data.world import TIE, Labeler, Prompt
 from jobs.rlhf_rm_update import RMUpdateConfig, RoundTrainer, evaluate_round, prior_round_dirs, update_rm

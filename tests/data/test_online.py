@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 
 from data.online import (
-    LengthBlowup, PhraseDetector, distinct_behaviours, Repetition, Sample, contrast_pairs, edit_pairs, evaluate_pattern, fast_path_pairs,
-    hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
-    slow_path_candidates, top_reward, undecided, words,
+    LengthBlowup, PhraseDetector, Repetition, Sample, contrast_pairs, distinct_behaviours, edit_pairs,
+    evaluate_pattern, fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases,
+    mine_rising_phrases_by_domain, pair_id, slow_path_candidates, top_reward, undecided, words,
 )
 
 
@@ -282,7 +282,8 @@ def test_the_rise_can_be_measured_among_the_top_reward_replies():
     assert [s.prompt_id for s in top_reward(late)] == ["0", "1", "2", "3"]
     scored = [(dataclasses.replace(e, rm_score=0.2), o) for e, o in edit_pairs(det, late)]
     everywhere = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored)
-    assert (everywhere.rate_late, everywhere.rate_late_top, everywhere.rose, everywhere.detected) == (0.125, 0.25, False, False)
+    assert (everywhere.rate_late, everywhere.rate_late_top) == (0.125, 0.25)
+    assert (everywhere.rose, everywhere.detected) == (False, False)
     at_top = evaluate_pattern(det, early, late, lambda a, b: 0, margin=0.2, edits=scored, rise_on="top")
     assert (at_top.rose, at_top.detected) == (True, True)
     # With four checks needed, its one check (backwards) leaves it undecided: worth more replies.
