@@ -121,9 +121,8 @@ class Roles:
     placement: Any = None
     holds: str = "policy"  # which weights the rollout engines serve: policy | sft | r<k>/early | stale
     # The between-round RM update's workers (cluster.trainer_group.TrainerGroup), started at the first round's end
-    # with these TrainerConfig overrides and kept until shutdown unless rm_update_workers.keep_warm=false
+    # and kept until shutdown unless rm_update_workers.keep_warm=false
     rm_trainer: Any = None
-    rm_trainer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def policy(self) -> Any:
@@ -155,7 +154,7 @@ class Roles:
     def shutdown_rm_trainer(self) -> None:
         if self.rm_trainer is not None:
             self.rm_trainer.shutdown()
-        self.rm_trainer, self.rm_trainer_overrides = None, {}
+        self.rm_trainer = None
 
     def where(self) -> dict[str, list[dict]]:
         """role -> per rank {"node": id, "resources": that node's custom resources}: where the roles really run."""

@@ -72,9 +72,9 @@ from typing import Any, Callable
 
 from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
-    STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, edit_pairs, evaluate_pattern,
-    fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases, mine_rising_phrases_by_domain, pair_id,
-    slow_path_candidates, distinct_behaviours, undecided,
+    NEW_OVER_REWARD, STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, distinct_behaviours,
+    edit_pairs, evaluate_pattern, fast_path_pairs, hack_rate, in_scope, labelled_row, mine_rising_phrases,
+    mine_rising_phrases_by_domain, pair_id, slow_path_candidates, undecided,
 )
 from data.world import TIE, Labeler, Prompt
 from jobs.rlhf_rm_update import RMUpdateConfig, RoundTrainer, evaluate_round, prior_round_dirs, update_rm
@@ -504,7 +504,10 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
                                      min_checks=min_checks, ties=cfg.pattern_ties, rise_on=cfg.rise_on))
                 for d in dets]
 
-    found = evaluate(build_detectors(cfg, samples), cfg.rise_margin, 0.5, cfg.min_pattern_checks)
+    def evaluate_new(dets: list[Detector]) -> list[tuple[Detector, Any]]:
+        return evaluate(dets, cfg.rise_margin, NEW_OVER_REWARD, cfg.min_pattern_checks)
+
+    found = evaluate_new(build_detectors(cfg, samples))
     # Undecided candidates (rose, backwards on every check or half of them, too few checks): sample more replies
     # where they show and check them again on the larger set; the rise stays the one measured above.
     pending = [det for det, pat in found if undecided(pat, min_checks=cfg.min_pattern_checks)]
@@ -512,7 +515,7 @@ def fast_path(ctx: RoundContext, samples: dict[str, list[Sample]], labels: Label
     if pending and cfg.check_tries:
         checked_more, check_batches = top_up(ctx, pending, early, late, seen, labels, lambda d: len(check_pairs(d)),
                                              need=cfg.min_pattern_checks, tries=cfg.check_tries, tag="check")
-        again = dict((det.name, pat) for det, pat in evaluate(pending, cfg.rise_margin, 0.5, cfg.min_pattern_checks))
+        again = {det.name: pat for det, pat in evaluate_new(pending)}
         found = [(det, again.get(det.name, pat)) for det, pat in found]
     known = evaluate(known_detectors(ctx, found, late), 0.0, cfg.known_over_reward, 1)
     kinds = {det.name: "static" for det, _ in found if not isinstance(det, PhraseDetector)}
