@@ -504,8 +504,7 @@ def finish_round(ctx: Context, round_index: int, again: bool = False) -> None:
         prior_pair_files=[r["pairs_path"] for r in state.round_results if r.get("pairs_path")], cfg=cfg.online,
         generate=generate_texts, rm_score=lambda items: score(roles, items, cfg.timeouts.score_s),
         logger=ctx.run.logger, seed=cfg.run.seed, sft_dir=cfg.policy.path, log_step=state.iteration,
-        trainer_overrides=rm_update_overrides(cfg.rm_update_workers), rm_trainer=rm_trainer,
-        rm_timeout_s=cfg.timeouts.rm_update_s,
+        trainer_overrides=roles.rm_trainer_overrides, rm_trainer=rm_trainer, rm_timeout_s=cfg.timeouts.rm_update_s,
         policy_versions={"sft": 0, "early": state.snapshot_versions[early], "late": state.policy_version},
         world=rm_world(cfg), last=round_index == cfg.rounds,
     ))
@@ -536,16 +535,17 @@ def rm_update_overrides(workers: RMUpdateWorkers) -> dict[str, Any]:
 
 def rm_update_group(ctx: Context) -> Any:
     """The round's RM-update workers: the warm group, started on first use (rm_update_workers.keep_warm) and sized
-    by rm_update_overrides."""
+    then by rm_update_overrides; roles.rm_trainer_overrides keeps the TrainerConfig fields it was sized with."""
     from cluster.trainer_group import TrainerGroup
     from trainer.config import TrainerConfig
 
     roles = ctx.roles
     if roles.rm_trainer is None:
-        roles.rm_trainer = TrainerGroup.for_config(TrainerConfig(**rm_update_overrides(ctx.cfg.rm_update_workers)),
-                                                   name="rm_update",
+        overrides = rm_update_overrides(ctx.cfg.rm_update_workers)
+        roles.rm_trainer = TrainerGroup.for_config(TrainerConfig(**overrides), name="rm_update",
                                                    threads=ctx.cfg.rm_update_workers.threads,
                                                    start_timeout_s=ctx.cfg.timeouts.start_s)
+        roles.rm_trainer_overrides = overrides
     return roles.rm_trainer
 
 

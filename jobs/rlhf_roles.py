@@ -121,8 +121,11 @@ class Roles:
     placement: Any = None
     holds: str = "policy"  # which weights the rollout engines serve: policy | sft | r<k>/early | stale
     # The between-round RM update's workers (cluster.trainer_group.TrainerGroup), started at the first round's end
-    # and kept until shutdown unless rm_update_workers.keep_warm=false
+    # with these TrainerConfig overrides and kept until shutdown unless rm_update_workers.keep_warm=false. Kept, not
+    # recomputed: rm_update_overrides sizes the workers from the CPUs free at that moment, which the started group
+    # itself then holds.
     rm_trainer: Any = None
+    rm_trainer_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def policy(self) -> Any:
@@ -154,7 +157,7 @@ class Roles:
     def shutdown_rm_trainer(self) -> None:
         if self.rm_trainer is not None:
             self.rm_trainer.shutdown()
-        self.rm_trainer = None
+        self.rm_trainer, self.rm_trainer_overrides = None, {}
 
     def where(self) -> dict[str, list[dict]]:
         """role -> per rank {"node": id, "resources": that node's custom resources}: where the roles really run."""
