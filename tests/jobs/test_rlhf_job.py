@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,25 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     assert state["rm_dir"] == str(rdir / "rm") and (rdir / "rm" / "reward_config.json").exists()
     assert state["round_results"][0]["rm_eval"]["heldout_acc_after"] is not None
     assert [r["new_rm_dir"] for r in state["round_results"]] == [str(rdir / "rm")] * 2
+
+
+def test_warm_rm_workers_serve_every_round_when_the_roles_nearly_fill_the_cluster(ray_cluster, rlhf_inputs,  # noqa: F811
+                                                                                  tmp_path):
+    # As on the demo's 2 cores: the roles leave 0.75 CPU, the RM-update worker started at round 1's end takes 0.7 of
+    # it and keeps it (rm_update_workers.keep_warm, the default). Round 2's online step must reuse that group as it
+    # was sized; sizing it again from what is free now (0.05 CPU) would stop the run.
+    free = ray_cluster.available_resources()["CPU"]
+    policy_cpus = round(free - 4 * 0.25 - 0.75, 2)  # the other four roles keep their default quarter CPU
+    assert policy_cpus >= 0.25, f"the test cluster has {free} CPUs free; this test needs at least 2"
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "full", "rounds=2",
+                                                      "iterations_per_round=1",
+                                                      f"placement.policy.cpus_per_actor={policy_cpus}"))
+    summary = json.loads(execute("rlhf", cfg, main).read_text())
+    assert summary["completed"] and summary["rounds"] == 2 and summary["rm_updated_by_round"] == [True, False]
+    deadline = time.time() + 30  # Ray reports freed resources a moment after the actors and groups are removed
+    while ray_cluster.available_resources().get("CPU", 0.0) < free - 1e-6 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_cluster.available_resources()["CPU"] == pytest.approx(free)  # roles and RM workers all released
 
 
 def test_a_placement_that_cannot_fit_fails_before_any_model_loads(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
