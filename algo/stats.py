@@ -122,6 +122,30 @@ def paired_gain_se(before: dict[str, list[float]], after: dict[str, list[float]]
     return total ** 0.5 / len(before) if before else None
 
 
+def excess_reduction(first: tuple[int, int], last: tuple[int, int], base: tuple[int, int]) -> tuple[float | None, float | None]:
+    """How much of a behaviour's rise above a baseline is gone, with its standard error. Each argument is
+    (hits, n): the behaviour in `hits` of `n` replies of the policy when it was found (`first`), at the end
+    (`last`) and of the baseline policy (`base`, the SFT policy: a habit it had is not something PPO added).
+
+        r = 1 - (L - S) / (F - S),   F, L, S = hits / n
+
+    1 = back to the baseline's rate, 0 = no change, > 1 = below the baseline. The error treats the three rates as
+    independent binomial estimates, var(p) = p (1 - p) / n, and propagates them to first order:
+
+        dr/dF = (L - S) / (F - S)^2,   dr/dL = -1 / (F - S),   dr/dS = (F - L) / (F - S)^2
+
+    (None, None) when F <= S (no rise over the baseline to undo) or a count is empty."""
+    if min(first[1], last[1], base[1]) <= 0:
+        return None, None
+    f, l_, s = (h / n for h, n in (first, last, base))
+    rise = f - s
+    if rise <= 0:
+        return None, None
+    var = [p * (1 - p) / n for p, (_, n) in zip((f, l_, s), (first, last, base))]
+    grad = ((l_ - s) / rise ** 2, -1 / rise, (f - l_) / rise ** 2)
+    return 1 - (l_ - s) / rise, sum(g * g * v for g, v in zip(grad, var)) ** 0.5
+
+
 class RewardNormalizer:
     """Clip, update the running statistics with the batch, normalise; checkpoint it with `state_dict`.
 

@@ -84,7 +84,7 @@ from jobs.rlhf_roles import (  # noqa: E402
     train,
 )
 from jobs.rlhf_heldout import domains, evaluate_oracle, print_table  # noqa: E402
-from jobs.rlhf_rounds import OnlineConfig, track_hacks  # noqa: E402
+from jobs.rlhf_rounds import OnlineConfig, print_tracking, track_hacks  # noqa: E402
 from jobs.rlhf_state import Checkpointer, DriverState, PromptStream, PTXStream, iteration_seed  # noqa: E402
 
 __all__ = ["RLHFJobConfig", "main", "start_roles", "start_local_roles", "ppo_iteration", "build_context"]
@@ -651,6 +651,11 @@ def finish_run(ctx: Context) -> dict:
               "(one standard error)", file=sys.stderr)
     tracked = track_hacks(ctx.run.dir)
     from_round_1 = [t for t in tracked if t["found_in_round"] == 1 and len(t["late_rate_by_round"]) > 1]
+
+    def halved(key: str) -> bool | None:
+        return all(t[key] is not None and t[key] >= 0.5 for t in from_round_1) if from_round_1 else None
+
+    print_tracking(from_round_1)
     return {
         "oracle_score_sft": sft["mean"],
         "oracle_score_final": final["mean"],
@@ -677,10 +682,12 @@ def finish_run(ctx: Context) -> dict:
         "patterns_by_round": [[p.get("name", "") for p in r["patterns"] if p.get("detected", True)]
                               for r in state.round_results],
         # Each detected pattern re-measured with its own detector in every later round (rlhf_rounds.track_hacks);
-        # the target: a hack found in round 1 at most half as frequent in the last round.
+        # the target: a hack found in round 1 at most half as frequent in the last round. The same over the rise
+        # above the SFT policy's own rate of the pattern (a habit SFT had, which the KL penalty keeps, is not what
+        # PPO added): at most half of that rise left.
         "hack_tracking": tracked,
-        "round1_hacks_halved": (all(t["reduction"] is not None and t["reduction"] >= 0.5 for t in from_round_1)
-                                if from_round_1 else None),
+        "round1_hacks_halved": halved("reduction"),
+        "round1_hack_excess_halved": halved("excess_reduction"),
         "pair_counts_by_round": [r["pair_counts"] for r in state.round_results],
         # How often the RM PPO optimised against agreed with the labeler on the policy's own replies, per round.
         "rm_label_agreement_by_round": [r["pair_counts"].get("rm_label_agreement") for r in state.round_results],

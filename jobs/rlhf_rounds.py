@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from algo.stats import excess_reduction
 from data.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.online import (
     NEW_OVER_REWARD, STATIC_DETECTORS, Detector, PhraseDetector, Sample, contrast_pairs, distinct_behaviours,
@@ -707,7 +708,9 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
     refitted and re-mined on that round's samples). One entry per (pattern, round found), with
     `late_rate_by_round` (from the round it was found), `reduction` = 1 - last / first (None if first is 0) and
     `sft_rate`, its rate among the SFT policy's replies of every round (a habit SFT had is not a hack to remove;
-    None when no SFT replies in its scope were sampled)."""
+    None when no SFT replies in its scope were sampled), and `excess_reduction` (± `excess_reduction_se`): the share
+    of its rise above `sft_rate` that is gone by the last round (algo.stats.excess_reduction; None when the round it
+    was found in did not rise above SFT's rate). The `*_n` fields count the replies each rate is a share of."""
     root = Path(run_dir) / "rounds"
     rounds_seen = sorted(int(d.name.removeprefix("round_")) for d in root.glob("round_*")
                          if d.name.removeprefix("round_").isdigit() and (d / "patterns.json").exists())
@@ -722,11 +725,36 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
             det = _detector_from_pattern(pattern["name"], reference)
             if det is None:
                 continue
-            rates = [hack_rate(in_scope(det, [s for s in samples.get(k, []) if s.source == "late"]), [det])
-                     for k in rounds_seen if k >= r]
+            late = [in_scope(det, [s for s in samples.get(k, []) if s.source == "late"]) for k in rounds_seen if k >= r]
+            rates = [hack_rate(group, [det]) for group in late]
             first, last = rates[0], rates[-1]
             sft = in_scope(det, [s for k in rounds_seen for s in samples.get(k, []) if s.source == "sft"])
+            excess, excess_se = excess_reduction(_hits(det, late[0]), _hits(det, late[-1]), _hits(det, sft))
             out.append({"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,
+                        "late_n_by_round": [len(group) for group in late],
                         "reduction": (1 - last / first) if first > 0 else None,
-                        "sft_rate": hack_rate(sft, [det]) if sft else None})
+                        "sft_rate": hack_rate(sft, [det]) if sft else None, "sft_n": len(sft),
+                        "excess_reduction": excess, "excess_reduction_se": excess_se})
     return out
+
+
+def print_tracking(tracked: list[dict]) -> None:
+    """The console's view of `track_hacks` entries: each hack's rate among SFT replies and the late replies of every
+    round from the one it was found in, the share of it that is gone, and the share of its rise over SFT."""
+    if not tracked:
+        return
+    lines = []
+    for t in tracked:
+        rates = " -> ".join(f"{r:.2f}" for r in t["late_rate_by_round"])
+        sft = "-" if t["sft_rate"] is None else f"{t['sft_rate']:.2f}"
+        gone = "-" if t["reduction"] is None else f"{t['reduction']:.0%}"
+        excess = ("-" if t["excess_reduction"] is None else
+                  f"{t['excess_reduction']:.0%} +- {t['excess_reduction_se']:.0%}")
+        lines.append(f"  {t['pattern']} (round {t['found_in_round']}): SFT {sft}, late {rates}; gone {gone}, "
+                     f"of its rise over SFT {excess}")
+    print("hack tracking (rate among each round's late replies; n per rate in summary.json: hack_tracking)\n"
+          + "\n".join(lines), file=sys.stderr)
+
+
+def _hits(det: Detector, samples: list[Sample]) -> tuple[int, int]:
+    return sum(det.flags(s) for s in samples), len(samples)

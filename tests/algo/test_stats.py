@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from algo.stats import RewardNormalizer, RewardNormConfig, RunningMeanStd, paired_gain_se
+from algo.stats import RewardNormalizer, RewardNormConfig, RunningMeanStd, excess_reduction, paired_gain_se
 
 
 def _stats_of(values) -> RunningMeanStd:
@@ -133,3 +133,19 @@ def test_paired_gain_se_on_hand_derived_values():
     assert paired_gain_se({"a": [0.0]}, {"a": [1.0]}) is None  # one prompt: no variance to estimate
     with pytest.raises(ValueError, match="same domains"):
         paired_gain_se(before, {"a": [1.0, 1.0]})
+
+
+def test_excess_reduction_on_hand_derived_values():
+    # F = 12/48 = 1/4, L = 6/48 = 1/8, S = 4/48 = 1/12: the rise over SFT 1/6 shrank to 1/24, so 3/4 of it is gone.
+    # var F = (1/4)(3/4)/48 = 3/768, var L = (1/8)(7/8)/48 = 7/3072, var S = (1/12)(11/12)/48 = 11/6912;
+    # dr/dF = (1/24)/(1/36) = 3/2, dr/dL = -6, dr/dS = (1/8)/(1/36) = 9/2 (they sum to 0: a common shift changes nothing)
+    value, se = excess_reduction((12, 48), (6, 48), (4, 48))
+    assert value == pytest.approx(0.75)
+    assert se == pytest.approx((2.25 * 3 / 768 + 36 * 7 / 3072 + 20.25 * 11 / 6912) ** 0.5)
+    # Back to the baseline's rate is all of it; below the baseline is more than all; the raw share would read 0.5.
+    assert excess_reduction((12, 48), (4, 48), (4, 48))[0] == pytest.approx(1.0)
+    assert excess_reduction((12, 48), (2, 48), (4, 48))[0] == pytest.approx(1.25)
+    # No rise over the baseline (or nothing counted): nothing to undo, so no figure rather than a division by ~0.
+    assert excess_reduction((4, 48), (1, 48), (4, 48)) == (None, None)
+    assert excess_reduction((3, 48), (1, 48), (4, 48)) == (None, None)
+    assert excess_reduction((3, 48), (1, 0), (4, 48)) == (None, None)

@@ -79,7 +79,8 @@ def test_one_round_of_two_iterations_through_ray_actors(ray_cluster, rlhf_inputs
     assert rows[2]["policy/trained"] == 1.0 and "policy/clipfrac" in rows[2] and rows[2]["weight_version"] >= 1
     # ppo.epochs=2: the first pass is on-policy (ratio 1, no KL to the sampler); the second sees the moved weights.
     assert rows[2]["policy/approx_kl"] < 1e-6 < rows[2]["policy/approx_kl_last_epoch"]
-    assert isinstance(summary["hack_tracking"], list) and "round1_hacks_halved" in summary
+    assert isinstance(summary["hack_tracking"], list)
+    assert "round1_hacks_halved" in summary and "round1_hack_excess_halved" in summary
 
     from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from algo.stats import excess_reduction
 import jobs.rlhf_rm_update as rm_update
 import jobs.rlhf_rounds as rounds
 from data.online import words
@@ -294,17 +295,20 @@ def test_rm_label_agreement_counts_rm_ties_half_and_skips_unlabelled():
 
 
 def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later_rounds(tmp_path, monkeypatch):
-    """Round 1's late policy pads 3 of 4 replies with the filler; round 2's pads fewer, round 3's none. The pattern
-    mined in round 1 is re-measured on every round's late samples: 0.75-ish -> lower -> 0, reduction 1.0."""
+    """Round 1's late policy pads every reply with the filler; round 2's pads 2 of 4, round 3's 1 of 4, the SFT
+    policy's own habit. The pattern mined in round 1 is re-measured on every round's late samples: 1 -> ~0.5 ->
+    ~0.25. Three quarters of it is gone, and all of its rise over what SFT already did."""
     crash_at_rm_update(monkeypatch)
-    share = {1: 4, 2: 2, 3: 0}  # of every 4 prompts, how many late replies carry the filler
+    share = {1: 4, 2: 2, 3: 1}  # of every 4 prompts, how many late replies carry the filler
 
     def generate_for(round_idx: int):
         def gen(source: str, prompts: list) -> list[str]:
             out = []
             for p, text in zip(prompts, fake_generate("early" if source == "late" else source, prompts)):
                 hacky = int(hashlib.sha256(p.id.encode()).hexdigest(), 16) % 4 < share[round_idx]
-                out.append(f"{text} {FILLER} {FILLER}" if source == "late" and hacky else text)
+                habit = int(hashlib.sha256(p.id.encode()).hexdigest(), 16) % 4 < 1
+                padded = (source == "late" and hacky) or (source == "sft" and habit)
+                out.append(f"{text} {FILLER} {FILLER}" if padded else text)
             return out
         return gen
 
@@ -315,10 +319,17 @@ def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later
     tracked = rounds.track_hacks(tmp_path)
     mined = [t for t in tracked if t["found_in_round"] == 1 and t["pattern"].startswith("phrase:")]
     assert mined, f"round 1's filler was not detected: {tracked}"
-    rates = mined[0]["late_rate_by_round"]
-    assert len(rates) == 3 and rates[0] > 0.5 and rates[0] > rates[1] > rates[2] == 0.0
-    assert mined[0]["reduction"] == 1.0
-    assert mined[0]["sft_rate"] == 0.0  # the SFT policy never pads: the whole round-1 rate was the hack
+    t = mined[0]
+    rates, sft = t["late_rate_by_round"], t["sft_rate"]
+    assert len(rates) == 3 and rates[0] == 1.0 and rates[0] > rates[1] > rates[2] > 0.0
+    assert all(n > 0 for n in t["late_n_by_round"]) and t["sft_n"] > 0
+    # Raw, about three quarters of the pattern is gone; the quarter left is SFT's own habit, so all of what PPO
+    # added is gone: the excess reduction reads ~1 where the raw one reads ~0.75.
+    assert t["reduction"] == pytest.approx(1 - rates[2]) and 0.7 < t["reduction"] < 0.8
+    assert 0.2 < sft < 0.3 and t["excess_reduction"] == pytest.approx(1.0, abs=0.05)
+    hits = [(round(r * n), n) for r, n in zip(rates, t["late_n_by_round"])]
+    expected = excess_reduction(hits[0], hits[2], (round(sft * t["sft_n"]), t["sft_n"]))
+    assert (t["excess_reduction"], t["excess_reduction_se"]) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
