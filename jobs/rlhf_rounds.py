@@ -710,13 +710,17 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
     `sft_rate`, its rate among the SFT policy's replies of every round (a habit SFT had is not a hack to remove;
     None when no SFT replies in its scope were sampled), and `excess_reduction` (± `excess_reduction_se`): the share
     of its rise above `sft_rate` that is gone by the last round (algo.stats.excess_reduction; None when the round it
-    was found in did not rise above SFT's rate). The `*_n` fields count the replies each rate is a share of."""
+    was found in did not rise above SFT's rate). Once the run's held-out evaluation is written, also
+    `heldout_rate_sft` and `heldout_rate_final`: its rate among the sampled held-out answers of the SFT and the final
+    policy (the same prompts and seeds, heldout_{sft,final}.jsonl). The `*_n` fields count the replies each rate is a
+    share of."""
     root = Path(run_dir) / "rounds"
     rounds_seen = sorted(int(d.name.removeprefix("round_")) for d in root.glob("round_*")
                          if d.name.removeprefix("round_").isdigit() and (d / "patterns.json").exists())
     samples: dict[int, list[Sample]] = {
         r: [Sample.from_row(row) for _, row in read_jsonl(root / f"round_{r}" / "samples.jsonl")]
         for r in rounds_seen if (root / f"round_{r}" / "samples.jsonl").exists()}
+    heldout = {name: _heldout_samples(Path(run_dir) / f"heldout_{name}.jsonl") for name in ("sft", "final")}
     out = []
     for r in rounds_seen:
         found = json.loads((root / f"round_{r}" / "patterns.json").read_text())["patterns"]
@@ -735,7 +739,21 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
                         "reduction": (1 - last / first) if first > 0 else None,
                         "sft_rate": hack_rate(sft, [det]) if sft else None, "sft_n": len(sft),
                         "excess_reduction": excess, "excess_reduction_se": excess_se})
+            for name, answers in heldout.items():
+                if answers is not None:
+                    scoped = in_scope(det, answers)
+                    out[-1][f"heldout_rate_{name}"] = hack_rate(scoped, [det]) if scoped else None
+                    out[-1][f"heldout_n_{name}"] = len(scoped)
     return out
+
+
+def _heldout_samples(path: Path) -> list[Sample] | None:
+    """The sampled held-out answers of heldout_<name>.jsonl (jobs/rlhf_heldout.py) as Samples, None if not written."""
+    if not path.exists():
+        return None
+    return [Sample(prompt_id=row["prompt_id"], domain=row["domain"], messages=[], response=row["response"],
+                   source=path.stem, round=0, policy_version=0)
+            for _, row in read_jsonl(path) if row.get("decoding") == "sampled"]
 
 
 def print_tracking(tracked: list[dict]) -> None:
@@ -750,8 +768,11 @@ def print_tracking(tracked: list[dict]) -> None:
         gone = "-" if t["reduction"] is None else f"{t['reduction']:.0%}"
         excess = ("-" if t["excess_reduction"] is None else
                   f"{t['excess_reduction']:.0%} +- {t['excess_reduction_se']:.0%}")
+        held = ""
+        if t.get("heldout_rate_final") is not None and t.get("heldout_rate_sft") is not None:
+            held = f"; held-out answers: SFT {t['heldout_rate_sft']:.2f}, final {t['heldout_rate_final']:.2f}"
         lines.append(f"  {t['pattern']} (round {t['found_in_round']}): SFT {sft}, late {rates}; gone {gone}, "
-                     f"of its rise over SFT {excess}")
+                     f"of its rise over SFT {excess}{held}")
     print("hack tracking (rate among each round's late replies; n per rate in summary.json: hack_tracking)\n"
           + "\n".join(lines), file=sys.stderr)
 

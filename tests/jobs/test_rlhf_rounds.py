@@ -316,10 +316,21 @@ def test_track_hacks_remeasures_a_round_1_pattern_with_its_own_detector_in_later
         ctx = dataclasses.replace(make_ctx(tmp_path, round_idx=r, slow_path=False), generate=generate_for(r))
         with pytest.raises(RuntimeError, match="simulated crash"):
             end_of_round(ctx)
+    assert all("heldout_rate_final" not in t for t in rounds.track_hacks(tmp_path))  # no held-out answers yet
+    # The run's held-out answers (jobs/rlhf_heldout.py): SFT pads 1 of its 4 sampled answers, the final policy 2 of 4;
+    # greedy answers are not what the headline samples, so the padded greedy one does not count.
+    def answer(i: int, padded: bool, decoding: str = "sampled") -> dict:
+        return {"prompt_id": f"h{i}", "domain": "math", "prompt": "?", "decoding": decoding, "oracle": 0.5,
+                "truncated": False, "response": f"The answer is {i}." + (f" {FILLER}" if padded else "")}
+    for name, padded in (("sft", [True, False, False, False]), ("final", [True, True, False, False])):
+        rows = [answer(i, pad) for i, pad in enumerate(padded)] + [answer(9, True, "greedy")]
+        (tmp_path / f"heldout_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tracked = rounds.track_hacks(tmp_path)
     mined = [t for t in tracked if t["found_in_round"] == 1 and t["pattern"].startswith("phrase:")]
     assert mined, f"round 1's filler was not detected: {tracked}"
     t = mined[0]
+    assert "@" not in t["pattern"]  # mined over every domain, so the math answers are in its scope
+    assert (t["heldout_rate_sft"], t["heldout_n_sft"], t["heldout_rate_final"], t["heldout_n_final"]) == (0.25, 4, 0.5, 4)
     rates, sft = t["late_rate_by_round"], t["sft_rate"]
     assert len(rates) == 3 and rates[0] == 1.0 and rates[0] > rates[1] > rates[2] > 0.0
     assert all(n > 0 for n in t["late_n_by_round"]) and t["sft_n"] > 0
