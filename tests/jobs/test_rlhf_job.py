@@ -120,18 +120,28 @@ def test_warm_rm_workers_serve_every_round_when_the_roles_nearly_fill_the_cluste
     # As on the demo's 2 cores: the roles leave 0.75 CPU, the RM-update worker started at round 1's end takes 0.7 of
     # it and keeps it (rm_update_workers.keep_warm, the default). Round 2's online step must reuse that group as it
     # was sized; sizing it again from what is free now (0.05 CPU) would stop the run.
-    free = ray_cluster.available_resources()["CPU"]
+    free = wait_for_free_cpus(ray_cluster)  # an earlier test's actors may still be releasing theirs
     policy_cpus = round(free - 4 * 0.25 - 0.75, 2)  # the other four roles keep their default quarter CPU
-    assert policy_cpus >= 0.25, f"the test cluster has {free} CPUs free; this test needs at least 2"
+    assert policy_cpus >= 0.25, f"the test cluster has {free} CPUs; this test needs at least 2"
     cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "full", "rounds=2",
                                                       "iterations_per_round=1",
                                                       f"placement.policy.cpus_per_actor={policy_cpus}"))
     summary = json.loads(execute("rlhf", cfg, main).read_text())
     assert summary["completed"] and summary["rounds"] == 2 and summary["rm_updated_by_round"] == [True, False]
-    deadline = time.time() + 30  # Ray reports freed resources a moment after the actors and groups are removed
-    while ray_cluster.available_resources().get("CPU", 0.0) < free - 1e-6 and time.time() < deadline:
+    assert wait_for_free_cpus(ray_cluster) == pytest.approx(free)  # roles and RM workers all released
+
+
+def wait_for_free_cpus(ray, timeout_s: float = 60.0) -> float:
+    """The cluster's CPU count once all of it is free again (Ray reports a removed actor's or placement group's
+    CPUs free a moment later); fails naming what is still held after timeout_s."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.time() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < total - 1e-6:
+        if time.time() > deadline:
+            raise AssertionError(f"{total - ray.available_resources().get('CPU', 0.0):g} of {total:g} CPUs still "
+                                 f"held {timeout_s:g} s after the last run ended")
         time.sleep(0.5)
-    assert ray_cluster.available_resources()["CPU"] == pytest.approx(free)  # roles and RM workers all released
+    return total
 
 
 def test_a_placement_that_cannot_fit_fails_before_any_model_loads(ray_cluster, rlhf_inputs, tmp_path):  # noqa: F811
