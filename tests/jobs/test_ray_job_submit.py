@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from cluster.runtime_env import REPO_ROOT
+from tests.jobs.rlhf_helpers import rlhf_inputs, small_run  # noqa: F401  (fixture)
 
 EXCLUDES = [".venv", ".venv-*", ".git", "outputs", "multirun", "wandb", "**/__pycache__", "*.egg-info",
             ".pytest_cache", ".device", ".whl", ".gl", "build"]
@@ -50,8 +51,11 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) ->
     raise TimeoutError(f"Ray dashboard at {url} did not answer in {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head started as a user would (`ray start --head`, 2 CPUs, with its dashboard): the cluster every job in this
+    module is submitted to; its URL."""
+    tmp_path = tmp_path_factory.mktemp("ray_head")
     gcs, dash, agent_listen, agent_grpc, runtime_env_agent, metrics, client = _free_ports(7)
     temp_dir = f"/tmp/rt{gcs}"  # short: unix socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -93,28 +97,31 @@ def _submit(client, **kwargs) -> str:
             time.sleep(2)
 
 
-def test_sft_job_through_ray_job_submit(ray_head, tmp_path):
+def _run_job(ray_head: str, entrypoint: str, timeout_s: float = 420) -> str:
+    """Submit `entrypoint` with this checkout as the working dir, wait for it to succeed; its logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head)
+    job_id = _submit(client, entrypoint=entrypoint,
+                     runtime_env={"working_dir": str(REPO_ROOT), "excludes": EXCLUDES})
+    deadline = time.time() + timeout_s
+    status = client.get_job_status(job_id)
+    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, f"{entrypoint.split()[1]} ended {status}:\n{logs[-4000:]}"
+    return logs
+
+
+def test_sft_job_through_ray_job_submit(ray_head, tmp_path):
     root = tmp_path / "runs"
     overrides = [
         f"run.root={root}", "trainer.lr=5e-4", "trainer.max_steps=3", "trainer.checkpoint_every=0",
         "data.paths=[data/sample_sft/openai.jsonl]", "data.max_length=128", "sample_max_new_tokens=4",
         "logging.wandb=disabled", "logging.progress=false",
     ]
-    job_id = _submit(
-        client,
-        entrypoint="python jobs/sft.py " + " ".join(overrides),
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": EXCLUDES},
-    )
-    deadline = time.time() + 420
-    status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.time() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    logs = _run_job(ray_head, "python jobs/sft.py " + " ".join(overrides))
 
     last = [line for line in logs.splitlines() if line.strip()][-1]
     assert last == f"summary: {root / 'sft' / 'summary.json'}"
@@ -124,3 +131,23 @@ def test_sft_job_through_ray_job_submit(ray_head, tmp_path):
     assert all("working_dir_files" in f for f in summary["files"]), summary["files"]
     config = yaml.safe_load((root / "sft" / "config.yaml").read_text())
     assert config["trainer"]["lr"] == 5e-4 and config["trainer"]["max_steps"] == 3
+
+
+def test_rlhf_job_through_ray_job_submit(ray_head, rlhf_inputs, tmp_path):  # noqa: F811
+    # The user's command: `ray job submit --working-dir . -- python jobs/rlhf.py <overrides>`, on a cluster of its
+    # own (not this process's Ray), with a Hydra group override among the key=value ones.
+    root = tmp_path / "runs"
+    overrides = small_run(rlhf_inputs, root, "submitted", "rounds=1", "iterations_per_round=2",
+                          "rlhf/placement=colocated", "ppo.kl.estimator=k3")
+    logs = _run_job(ray_head, "python jobs/rlhf.py " + " ".join(overrides), timeout_s=600)
+
+    run_dir = root / "submitted"
+    last = [line for line in logs.splitlines() if line.strip()][-1]
+    assert last == f"summary: {run_dir / 'summary.json'}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["iterations"] == 2 and summary["rounds"] == 1
+    assert Path(summary["model_dir"], "config.json").exists()
+    # The job joined the cluster it was submitted to (whose dashboard took the submission), not a Ray of its own.
+    assert "Connecting to existing Ray cluster" in logs and ray_head.removeprefix("http://") in logs
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["ppo"]["kl"]["estimator"] == "k3" and config["iterations_per_round"] == 2
