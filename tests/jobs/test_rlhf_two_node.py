@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from cluster.runtime_env import REPO_ROOT
 from tests.cluster.test_two_node import two_nodes  # noqa: F401  (fixture)
@@ -27,7 +26,6 @@ while sum(n["Alive"] for n in ray.nodes()) < 2:
 """
 
 
-@pytest.mark.slow
 def test_roles_run_on_the_nodes_the_placement_names(two_nodes, rlhf_inputs):  # noqa: F811
     address, root = two_nodes
     # Each node has 1 CPU: a fifth of one per role leaves room for Ray's own tasks.
