@@ -4,7 +4,7 @@ process, random token batches, so the numbers are the engine's and the device's.
 
     python bench/gpu_train.py                                  # on a GPU: a 0.28B-parameter Llama, 1024 tokens x 8
     python bench/gpu_train.py --hidden 2048 --layers 16 --batch 4 --peak-tflops 989
-    python bench/gpu_train.py --device cpu --hidden 128 --layers 2 --seq 64 --batch 2 --steps 3 --warmup 1   # smoke
+    python bench/gpu_train.py --device cpu --hidden 128 --layers 2 --heads 4 --kv-heads 2 --seq 64 --batch 2 --steps 3 --warmup 1   # smoke
 
 MFU = 6 x parameters x tokens/s / peak (the dense-matmul count; attention's own FLOPs are left out, so it is a lower
 bound), with --peak-tflops the device's dense bf16 peak (H100 SXM: 989; H200: 989). Steps after --warmup count.
