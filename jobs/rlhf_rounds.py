@@ -729,21 +729,20 @@ def track_hacks(run_dir: str | Path) -> list[dict]:
             det = _detector_from_pattern(pattern["name"], reference)
             if det is None:
                 continue
-            late = [in_scope(det, [s for s in samples.get(k, []) if s.source == "late"]) for k in rounds_seen if k >= r]
-            rates = [hack_rate(group, [det]) for group in late]
+            late = [_hits(det, [s for s in samples.get(k, []) if s.source == "late"]) for k in rounds_seen if k >= r]
+            rates = [h / n if n else 0.0 for h, n in late]
             first, last = rates[0], rates[-1]
-            sft = in_scope(det, [s for k in rounds_seen for s in samples.get(k, []) if s.source == "sft"])
-            excess, excess_se = excess_reduction(_hits(det, late[0]), _hits(det, late[-1]), _hits(det, sft))
-            out.append({"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,
-                        "late_n_by_round": [len(group) for group in late],
-                        "reduction": (1 - last / first) if first > 0 else None,
-                        "sft_rate": hack_rate(sft, [det]) if sft else None, "sft_n": len(sft),
-                        "excess_reduction": excess, "excess_reduction_se": excess_se})
+            sft = _hits(det, [s for k in rounds_seen for s in samples.get(k, []) if s.source == "sft"])
+            excess, excess_se = excess_reduction(late[0], late[-1], sft)
+            entry = {"pattern": pattern["name"], "found_in_round": r, "late_rate_by_round": rates,
+                     "late_n_by_round": [n for _, n in late], "reduction": (1 - last / first) if first > 0 else None,
+                     "sft_rate": _share(sft), "sft_n": sft[1], "excess_reduction": excess,
+                     "excess_reduction_se": excess_se}
             for name, answers in heldout.items():
                 if answers is not None:
-                    scoped = in_scope(det, answers)
-                    out[-1][f"heldout_rate_{name}"] = hack_rate(scoped, [det]) if scoped else None
-                    out[-1][f"heldout_n_{name}"] = len(scoped)
+                    hits = _hits(det, answers)
+                    entry[f"heldout_rate_{name}"], entry[f"heldout_n_{name}"] = _share(hits), hits[1]
+            out.append(entry)
     return out
 
 
@@ -778,4 +777,10 @@ def print_tracking(tracked: list[dict]) -> None:
 
 
 def _hits(det: Detector, samples: list[Sample]) -> tuple[int, int]:
-    return sum(det.flags(s) for s in samples), len(samples)
+    """(replies in the detector's scope that it flags, replies in its scope)."""
+    scoped = in_scope(det, samples)
+    return sum(det.flags(s) for s in scoped), len(scoped)
+
+
+def _share(hits: tuple[int, int]) -> float | None:
+    return hits[0] / hits[1] if hits[1] else None
