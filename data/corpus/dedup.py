@@ -62,6 +62,58 @@ def signature_from_bytes(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint32)
 
 
+class BandIndex:
+    """MinHash LSH banding over uint32 signatures: slots [i*rows, (i+1)*rows) form band i, and a stored signature is
+    a candidate for a query when any band is equal. A pair with Jaccard J becomes a candidate with probability
+    1 - (1 - J^rows)^bands. Each band has its own table keyed by the band's raw bytes, so two bands collide only
+    when they are equal; candidates come back in the order they were inserted, so the output is deterministic.
+
+    datasketch's MinHashLSH bands the same way (tests check the candidates agree) but needs a MinHash object per
+    document and byte-swaps every band on each call; in the pipeline's one serial stage that cost 3-4x the look-ups
+    themselves, which capped the 2-CPU speed-up under the 1.8x the corpus bench asks for (bench/data_pipeline.py).
+    """
+
+    def __init__(self, bands: int, rows: int):
+        if bands < 1 or rows < 1:
+            raise ValueError(f"BandIndex needs bands >= 1 and rows >= 1 (got {bands} x {rows})")
+        self.bands, self.rows = bands, rows
+        self.tables: list[dict[bytes, list[str]]] = [{} for _ in range(bands)]  # one per band: band bytes -> keys
+
+    def band_keys(self, sig: np.ndarray) -> list[bytes]:
+        if sig.shape[0] < self.bands * self.rows:
+            raise ValueError(f"signature has {sig.shape[0]} slots; {self.bands} bands x {self.rows} rows need "
+                             f"{self.bands * self.rows}")
+        raw = np.ascontiguousarray(sig[: self.bands * self.rows], dtype=np.uint32).tobytes()
+        width = 4 * self.rows
+        return [raw[i : i + width] for i in range(0, len(raw), width)]
+
+    def candidates(self, keys: list[bytes]) -> list[str]:
+        found: dict[str, None] = {}
+        for table, k in zip(self.tables, keys):
+            for key in table.get(k, ()):
+                found[key] = None
+        return list(found)
+
+    def insert(self, key: str, keys: list[bytes]) -> None:
+        for table, k in zip(self.tables, keys):
+            bucket = table.get(k)
+            if bucket is None:
+                table[k] = [key]
+            else:
+                bucket.append(key)
+
+
+def lsh_params(near: NearDedupConfig) -> tuple[int, int]:
+    """(bands, rows) from the config; 0 x 0 takes datasketch's choice for the threshold (false positives and
+    negatives weighted equally)."""
+    if near.bands:
+        return near.bands, near.rows
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=near.threshold, num_perm=near.num_perm)
+    return lsh.b, lsh.r
+
+
 class GlobalDedup:
     """Stateful exact + near-duplicate filter over batches that arrive in corpus order.
 
@@ -71,28 +123,15 @@ class GlobalDedup:
     """
 
     def __init__(self, cfg: DedupConfig):
-        from datasketch import MinHashLSH
-
         self.cfg = cfg
-        near = cfg.near
-        params = (near.bands, near.rows) if near.bands else None
-        self.lsh = MinHashLSH(threshold=near.threshold, num_perm=near.num_perm, params=params)
+        self.index = BandIndex(*lsh_params(cfg.near))
         self.first_with_hash: dict[str, str] = {}
         self.signatures: dict[str, np.ndarray] = {}  # kept doc key -> signature, for candidate verification
 
-    def _minhash(self, sig: np.ndarray):
-        from datasketch import MinHash
-
-        near = self.cfg.near
-        # datasketch 2.0 needs the scheme named when rebuilding from hash values (ours come from affine32); the
-        # cached permutations spare it drawing new ones for every document.
-        return MinHash(num_perm=near.num_perm, seed=near.seed, hashvalues=sig,
-                       permutations=_permutations(near.num_perm, near.seed), scheme="affine32")
-
-    def _near_duplicate_of(self, m, sig: np.ndarray) -> tuple[str, float] | None:
+    def _near_duplicate_of(self, keys: list[bytes], sig: np.ndarray) -> tuple[str, float] | None:
         near = self.cfg.near
         best: tuple[str, float] | None = None
-        for key in self.lsh.query(m):
+        for key in self.index.candidates(keys):
             est = float(np.mean(self.signatures[key] == sig))
             if (not near.verify or est >= near.threshold) and (best is None or est > best[1]):
                 best = (key, est)
@@ -107,14 +146,14 @@ class GlobalDedup:
             self.first_with_hash[doc_hash] = doc_id
         if self.cfg.near.enabled:
             sig = signature_from_bytes(signature)
-            m = self._minhash(sig)
-            match = self._near_duplicate_of(m, sig)
+            keys = self.index.band_keys(sig)
+            match = self._near_duplicate_of(keys, sig)
             if match is not None:
                 key, est = match
                 return "near_dedup", f"near-duplicate of {key.split('|', 1)[1]} (estimated Jaccard {est:.2f})"
             # Index keys are our own counters: input ids need not be unique.
             key = f"{len(self.signatures)}|{doc_id}"
-            self.lsh.insert(key, m)
+            self.index.insert(key, keys)
             self.signatures[key] = sig
         return None
 

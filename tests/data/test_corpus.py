@@ -170,6 +170,66 @@ def test_near_dedup_removes_jaccard_08_and_keeps_05():
     assert abs(estimated - 0.8) < 0.1  # 128-slot MinHash estimate of the true 0.8 (std ~ 0.035)
 
 
+def _sig(values) -> bytes:
+    return np.asarray(values, dtype=np.uint32).tobytes()
+
+
+def test_near_dedup_candidates_need_one_whole_band_equal():
+    # 128 slots, 25 bands x 5 rows (slots 0-124). B differs from A in slot 5i of every band but band 3: 104 of 128
+    # slots equal (J^ = 0.8125) and band 3 whole, so it is a candidate and a duplicate. C differs in slot 5i of every
+    # band: 103 of 128 equal (0.80), but no band is whole, so LSH never proposes it and it is kept; that is the miss
+    # rate 1 - P(J) the bands x rows choice accepts.
+    a = np.arange(128)
+    b, c = a.copy(), a.copy()
+    b[[5 * i for i in range(25) if i != 3]] += 1000
+    c[[5 * i for i in range(25)]] += 1000
+    dedup = GlobalDedup(DedupConfig())
+    assert dedup.decide("a", "ha", _sig(a)) is None
+    assert dedup.decide("b", "hb", _sig(b)) == ("near_dedup", "near-duplicate of a (estimated Jaccard 0.81)")
+    assert dedup.decide("c", "hc", _sig(c)) is None
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_near_dedup_names_the_earliest_kept_doc_when_two_match_equally(order):
+    # 16 slots, 4 bands x 4 rows. A = 0..15; B = A with slots 8-15 moved: J^(A, B) = 0.5, so B is kept beside A.
+    # Q = A with slots 12-15 moved as B's are: J^(Q, A) = 12/16 and J^(Q, B) = 12/16 (slots 0-7 and 12-15), a tie,
+    # so the reason names whichever of the two was kept first, not whichever a hash order happens to list first.
+    near = NearDedupConfig(num_perm=16, bands=4, rows=4)
+    base = np.arange(16)
+    sigs = {"a": base, "b": np.where(base >= 8, base + 100, base)}
+    query = np.where(base >= 12, base + 100, base)
+    dedup = GlobalDedup(DedupConfig(near=near))
+    for doc in order:
+        assert dedup.decide(doc, "h" + doc, _sig(sigs[doc])) is None
+    assert dedup.decide("q", "hq", _sig(query)) == ("near_dedup", f"near-duplicate of {order[0]} (estimated Jaccard 0.75)")
+
+
+@pytest.mark.parametrize("params", [(25, 5), (0, 0)])
+def test_band_index_proposes_the_same_candidates_as_datasketch_lsh(params):
+    # The serial dedup stage bands signatures itself (no MinHash object per document); datasketch's MinHashLSH with
+    # the same bands x rows (or its own choice for the threshold, 0 x 0) is the reference. Values are drawn from a
+    # small range so that bands collide often.
+    from datasketch import MinHash, MinHashLSH
+
+    from data.corpus.dedup import BandIndex, lsh_params
+
+    near = NearDedupConfig(bands=params[0], rows=params[1])
+    bands, rows = lsh_params(near)
+    rng = np.random.default_rng(0)
+    ref = MinHashLSH(threshold=near.threshold, num_perm=128, params=(bands, rows))
+    index = BandIndex(bands, rows)
+    proposed = 0
+    for i in range(300):
+        sig = rng.integers(0, 2, size=128).astype(np.uint32)
+        m = MinHash(num_perm=128, hashvalues=sig, scheme="affine32")
+        keys = index.band_keys(sig)
+        assert set(index.candidates(keys)) == set(ref.query(m)), f"signature {i}"
+        proposed += len(index.candidates(keys))
+        index.insert(str(i), keys)
+        ref.insert(str(i), m)
+    assert proposed > 1000  # the check compared real candidate lists, not empty ones
+
+
 def test_near_dedup_off_keeps_near_duplicates():
     out = _dedup_batch([" ".join(_BASE), _variant(4)], DedupConfig(near=NearDedupConfig(enabled=False)))
     assert list(out["drop_stage"]) == ["", ""]
