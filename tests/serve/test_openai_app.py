@@ -257,6 +257,10 @@ BAD_REQUESTS = [
      "messages"),
     ("tools-unsupported", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    # A seed torch cannot take used to fail generate() for the whole batch: a 500 for every request batched with it.
+    ("seed-beyond-64-bits", "/v1/completions", {"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
+    ("seed-below-int64", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "seed": -(2 ** 63) - 1}, 400, "seed"),
 ]
 
 
