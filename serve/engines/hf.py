@@ -137,32 +137,64 @@ class HFEngine:
         await done  # re-raises a generate() failure into every request of the batch
 
     def _generate(self, jobs: list[_Job], publish) -> None:
+        try:
+            for group in fitting_groups(jobs, self.max_model_len):
+                self._generate_group(jobs, group, publish)
+        finally:
+            publish(_STEPS_DONE)
+
+    def _generate_group(self, jobs: list[_Job], group: list[int], publish) -> None:
+        """One left-padded `generate` over `jobs[i] for i in group`; each published step still has one entry per
+        job of the whole batch (None for the rows of other groups)."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        try:
-            batch = self.tokenizer.pad({"input_ids": [j.prompt_ids for j in jobs]}, return_tensors="pt")
-            budget = self.max_model_len - batch["input_ids"].shape[1]
-            tracker = _RowTracker(jobs, self.tokenizer, self._stop_ids, publish)
-            if budget < 1:
-                tracker.finish_all("length")
-                return
-            config = GenerationConfig(
-                max_new_tokens=min(max(j.options.max_tokens for j in jobs), budget),
-                do_sample=False,  # _RowSampler has already drawn each row's token; argmax just reads it
-                eos_token_id=sorted(self._stop_ids),
-                pad_token_id=self.tokenizer.pad_token_id,
+        members = [jobs[i] for i in group]
+
+        def publish_wide(step: list) -> None:
+            wide: list = [None] * len(jobs)
+            for i, item in zip(group, step):
+                wide[i] = item
+            publish(wide)
+
+        batch = self.tokenizer.pad({"input_ids": [j.prompt_ids for j in members]}, return_tensors="pt")
+        budget = self.max_model_len - batch["input_ids"].shape[1]
+        tracker = _RowTracker(members, self.tokenizer, self._stop_ids, publish_wide)
+        if budget < 1:
+            tracker.finish_all("length")
+            return
+        config = GenerationConfig(
+            max_new_tokens=min(max(j.options.max_tokens for j in members), budget),
+            do_sample=False,  # _RowSampler has already drawn each row's token; argmax just reads it
+            eos_token_id=sorted(self._stop_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        with torch.inference_mode():
+            self.model.generate(
+                **batch,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_RowSampler(members)]),
+                stopping_criteria=StoppingCriteriaList([tracker]),
             )
-            with torch.inference_mode():
-                self.model.generate(
-                    **batch,
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList([_RowSampler(jobs)]),
-                    stopping_criteria=StoppingCriteriaList([tracker]),
-                )
-            tracker.finish_all("length")  # rows cut short by the model's context length
-        finally:
-            publish(_STEPS_DONE)
+        tracker.finish_all("length")  # rows cut short by the model's context length
+
+
+def fitting_groups(jobs: list[_Job], max_model_len: int) -> list[list[int]]:
+    """Split a batch into groups that each fit the context when left-padded together: a padded row is as long as
+    the group's longest prompt, so a short prompt batched with a long one would otherwise lose the tokens it asked
+    for (finish_reason "length" after fewer than max_tokens). One group, in arrival order, when everything fits."""
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prompt_ids))
+    groups: list[list[int]] = []
+    longest, most_new = 0, 0
+    for i in order:
+        n, new = len(jobs[i].prompt_ids), jobs[i].options.max_tokens
+        if groups and max(longest, n) + max(most_new, new) <= max_model_len:
+            groups[-1].append(i)
+            longest, most_new = max(longest, n), max(most_new, new)
+        else:
+            groups.append([i])
+            longest, most_new = n, new
+    return [sorted(g) for g in groups]
 
 
 class _RowSampler:

@@ -369,6 +369,51 @@ def test_metrics_counters_move_and_are_exported(served, client, ray_cluster):
 # ------------------------------------------------------------------------------------------------ units
 
 
+def _run_engine_batch(engine, jobs) -> list[tuple[str, int, str | None]]:
+    """Drive HFEngine._generate (what one @serve.batch call runs) without Serve: (text, tokens, finish) per job."""
+    from serve.engines.base import Chunk
+
+    steps: list = []
+    engine._generate(jobs, steps.append)
+    out, closed = [["", 0, None] for _ in jobs], [False] * len(jobs)
+    for step in steps[:-1]:  # the last item is the end-of-steps marker
+        assert len(step) == len(jobs)  # serve.batch needs one entry per caller in every step
+        for i, item in enumerate(step):
+            if closed[i] or item is None:
+                continue
+            if item is StopIteration:
+                closed[i] = True
+            else:
+                assert isinstance(item, Chunk)
+                out[i] = [out[i][0] + item.text, item.completion_tokens, item.finish_reason]
+    assert all(closed)
+    return [tuple(o) for o in out]
+
+
+def test_a_short_prompt_batched_with_a_long_one_gets_all_its_tokens(tiny_dir):
+    # Left-padded together, every row is as long as the longest prompt: a short request batched with a prompt that
+    # nearly fills the context used to stop after (context - longest prompt) tokens with finish_reason "length".
+    from serve.engines.base import SamplingOptions
+    from serve.engines.hf import HFEngine, HFEngineConfig, _Job
+
+    engine = HFEngine(str(tiny_dir), HFEngineConfig(quantization="none"))
+    engine.load()
+    ctx = engine.max_model_len
+    short_ids = engine.tokenizer("def f(x):")["input_ids"]
+    greedy = SamplingOptions(max_tokens=40, temperature=0)
+    solo = _run_engine_batch(engine, [_Job(short_ids, greedy)])[0]
+    long_job = _Job([short_ids[0]] * (ctx - 8), SamplingOptions(max_tokens=8, temperature=0))
+    together = _run_engine_batch(engine, [long_job, _Job(short_ids, greedy), _Job(short_ids, greedy)])
+    assert together[1] == together[2] == solo
+    assert together[0][1] <= 8
+    # Grouping itself: everything that fits stays one batch, in arrival order.
+    from serve.engines.hf import fitting_groups
+
+    jobs = [_Job([1] * n, SamplingOptions(max_tokens=m)) for n, m in [(10, 5), (3, 20), (ctx - 4, 4), (5, 8)]]
+    assert fitting_groups(jobs, ctx) == [[0, 1, 3], [2]]
+    assert fitting_groups(jobs[:2] + jobs[3:], ctx) == [[0, 1, 2]]
+
+
 def test_text_assembler_holds_back_possible_stop_prefixes():
     from serve.engines.base import TextAssembler
 
