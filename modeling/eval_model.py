@@ -83,6 +83,7 @@ class EvalModelWorker:
         self.temperature, self.top_p, self.nll_window = temperature, top_p, nll_window
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.model = self.tokenizer = None
+        self.quantization = "none"  # or the method of a jobs/quantize.py checkpoint's recipe (see _load)
         if engine == "hf":
             self._load(model_path, dtype, seed)
 
@@ -91,10 +92,22 @@ class EvalModelWorker:
 
         from modeling.loading import load_causal_lm, load_tokenizer
 
+        from modeling.loading import resolve_checkpoint
+        from modeling.quantize import quantize_model, read_recipe
+
         torch.manual_seed(seed)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = load_tokenizer(model_path)
-        self.model = load_causal_lm(model_path, dtype=dtype).to(self.device).eval()
+        local = str(resolve_checkpoint(model_path))
+        # A checkpoint written by jobs/quantize.py on CPU is the float weights plus a recipe the CPU serving engine
+        # applies at load: apply it here too, or the column would score the float model under the quantized name.
+        # Its int8 kernels are CPU-only, so such a checkpoint is evaluated on the CPU even where a GPU is present.
+        recipe = read_recipe(local)
+        self.device = "cuda" if torch.cuda.is_available() and recipe is None else "cpu"
+        self.tokenizer = load_tokenizer(local)
+        model = load_causal_lm(local, dtype=dtype).eval()
+        if recipe is not None:
+            model = quantize_model(model, recipe["method"])
+        self.quantization = recipe["method"] if recipe is not None else "none"
+        self.model = model.to(self.device).eval()
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -173,6 +173,22 @@ def test_baseline_engines_without_ray(tiny_dir):
     assert list(out["response"]) == ["x"]
 
 
+def test_a_quantized_checkpoint_is_evaluated_quantized(tiny_dir, tmp_path):
+    # jobs/quantize.py writes the float weights plus a recipe; the eval worker used to load only the float weights,
+    # so a quantized column reported the original model's numbers (identical perplexity and answers).
+    from modeling.eval_model import EvalModelWorker
+    from modeling.quantize import load_quantized, save_quantized
+
+    q_dir = save_quantized(tiny_dir, tmp_path / "int8", "int8_dynamic")
+    text = "def add(a, b):\n    return a + b\n" * 4
+    fp32, int8 = EvalModelWorker(str(tiny_dir)), EvalModelWorker(str(q_dir))
+    reference = EvalModelWorker(str(tiny_dir))
+    reference.model = load_quantized(q_dir)  # what the CPU serving engine runs for that directory
+    assert int8.nll([text]) != fp32.nll([text])
+    assert int8.nll([text]) == reference.nll([text])
+    assert (fp32.quantization, int8.quantization) == ("none", "int8_dynamic")
+
+
 class LengthRM:
     """A stand-in reward model for the Ray Data RM pass: reward = response length (known in advance)."""
 
