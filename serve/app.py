@@ -265,6 +265,11 @@ class OpenAIServer:
         if asked is not None and asked > self.cfg.max_new_tokens:
             raise oai.OpenAIError(400, f"{param}={asked} exceeds this server's limit of {self.cfg.max_new_tokens} "
                                        "(serve.max_new_tokens)", param=param, code="invalid_value")
+        if asked is None and room < 1:  # no max_tokens to blame: the prompt alone fills the context
+            prompt_param = "messages" if endpoint == "chat" else "prompt"
+            raise oai.OpenAIError(400, f"the prompt has {prompt_len} tokens, which leaves no room for an answer in "
+                                       f"the model's context of {self.engine.max_model_len} tokens; shorten the "
+                                       f"{prompt_param}", param=prompt_param, code="context_length_exceeded")
         if asked is None:  # OpenAI's defaults: 16 for completions, "as much as fits" for chat
             asked = 16 if endpoint == "completions" else self.cfg.max_new_tokens
             asked = max(1, min(asked, room))

@@ -369,6 +369,29 @@ def test_metrics_counters_move_and_are_exported(served, client, ray_cluster):
 # ------------------------------------------------------------------------------------------------ units
 
 
+@pytest.mark.parametrize("endpoint, param", [("chat", "messages"), ("completions", "prompt")])
+def test_a_prompt_that_fills_the_context_is_blamed_not_an_unsent_max_tokens(endpoint, param):
+    # Without max_tokens the error used to read "prompt (N tokens) + max_tokens (1) exceeds ..." with
+    # param max_tokens: a field the client never sent.
+    from types import SimpleNamespace
+
+    from serve import openai_protocol as oai
+    from serve.app import OpenAIServer
+
+    server = SimpleNamespace(engine=SimpleNamespace(max_model_len=100), cfg=SimpleNamespace(max_new_tokens=50))
+    req = (oai.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]) if endpoint == "chat"
+           else oai.CompletionRequest(prompt="hi"))
+    with pytest.raises(oai.OpenAIError) as err:
+        OpenAIServer.func_or_class._sampling(server, req, endpoint, 120)
+    assert err.value.status == 400 and err.value.param == param and err.value.code == "context_length_exceeded"
+    assert "120 tokens" in err.value.message and "max_tokens" not in err.value.message
+    # With an explicit max_tokens that does not fit, that field is still the one named.
+    req.max_tokens = 10
+    with pytest.raises(oai.OpenAIError) as err:
+        OpenAIServer.func_or_class._sampling(server, req, endpoint, 95)
+    assert err.value.param == "max_tokens"
+
+
 def _run_engine_batch(engine, jobs) -> list[tuple[str, int, str | None]]:
     """Drive HFEngine._generate (what one @serve.batch call runs) without Serve: (text, tokens, finish) per job."""
     from serve.engines.base import Chunk
