@@ -90,9 +90,7 @@ class EvalModelWorker:
     def _load(self, model_path: str, dtype: str, seed: int) -> None:
         import torch
 
-        from modeling.loading import load_causal_lm, load_tokenizer
-
-        from modeling.loading import resolve_checkpoint
+        from modeling.loading import load_causal_lm, load_tokenizer, resolve_checkpoint
         from modeling.quantize import quantize_model, read_recipe
 
         torch.manual_seed(seed)
