@@ -120,6 +120,19 @@ class OpenAIServer:
         self.metrics.record("models", status, time.perf_counter() - started)
         return JSONResponse(body, status_code=status)
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        """OpenAI's "retrieve model" (`client.models.retrieve(name)`): the served model's card, or 404."""
+        started = time.perf_counter()
+        try:
+            self._authorize(request)
+            self._check_model(model_id)
+            body, status = oai.model_card(self.model_name, self.created, self.engine.max_model_len), 200
+        except oai.OpenAIError as e:
+            body, status = e.body(), e.status
+        self.metrics.record("models", status, time.perf_counter() - started)
+        return JSONResponse(body, status_code=status)
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._generate(request, "completions")
@@ -238,7 +251,7 @@ class OpenAIServer:
     def _prompt_ids(self, req, endpoint: str) -> list[int]:
         tok = self.engine.tokenizer
         if endpoint == "chat":
-            messages = [{"role": m.role, "content": m.text} for m in req.messages]
+            messages = [{"role": m.template_role, "content": m.text} for m in req.messages]
             # The template already writes every special token it needs, so encode without adding more.
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids, param = tok(text, add_special_tokens=False)["input_ids"], "messages"

@@ -2,7 +2,10 @@
 
 Only what coolray serves is modelled (completions, chat completions, models). Fields clients commonly send but
 that do not change the answer are accepted and ignored; fields that would change the answer in a way we do not
-implement (`n > 1`, `logprobs`, tools, `echo`) are refused with a 400 instead of being silently dropped.
+implement (`n > 1`, `logprobs`, tools, `echo`, `logit_bias`, presence/frequency penalties, a JSON
+`response_format`, `best_of > 1`) are refused with a 400 instead of being silently dropped. Their no-op values
+(`n: 1`, penalties 0, `logit_bias: {}`, `response_format: {"type": "text"}`), which some clients always send, are
+accepted.
 """
 from __future__ import annotations
 
@@ -67,6 +70,10 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     n: int = 1
     logprobs: Any = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
 
     @field_validator("stop")
@@ -94,6 +101,16 @@ class _SamplingRequest(_Strict):
         if self.logprobs not in (None, False, 0):
             return OpenAIError(400, "logprobs are not supported by this server", param="logprobs",
                                code="unsupported_value")
+        if self.top_logprobs:
+            return OpenAIError(400, "top_logprobs needs logprobs, which this server does not support",
+                               param="top_logprobs", code="unsupported_value")
+        if self.logit_bias:
+            return OpenAIError(400, "logit_bias is not supported by this server", param="logit_bias",
+                               code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return OpenAIError(400, f"{name} is not supported by this server (only 0)", param=name,
+                                   code="unsupported_value")
         return None
 
 
@@ -101,6 +118,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int]
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -117,6 +135,9 @@ class CompletionRequest(_SamplingRequest):
             return OpenAIError(400, "echo is not supported", param="echo", code="unsupported_value")
         if self.suffix:
             return OpenAIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_value")
+        if self.best_of not in (None, 1):
+            return OpenAIError(400, "only best_of=1 is supported; send several requests and rank them yourself",
+                               param="best_of", code="unsupported_value")
         return super().unsupported()
 
 
@@ -126,8 +147,13 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "environment"]  # InternLM2's ChatML roles
+    # InternLM2's ChatML roles, plus OpenAI's newer name for the system role ("developer"), read as "system".
+    role: Literal["system", "developer", "user", "assistant", "environment"]
     content: str | list[TextPart]
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
     @property
     def text(self) -> str:
@@ -138,7 +164,7 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
     tools: list[Any] | None = None
-    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -147,6 +173,10 @@ class ChatCompletionRequest(_SamplingRequest):
     def unsupported(self) -> OpenAIError | None:
         if self.tools:
             return OpenAIError(400, "tools / function calling are not supported", param="tools",
+                               code="unsupported_value")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return OpenAIError(400, f"response_format {self.response_format.get('type')!r} is not supported (only "
+                                    "'text'): this server does not constrain decoding", param="response_format",
                                code="unsupported_value")
         return super().unsupported()
 
@@ -204,6 +234,9 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
+def model_card(model: str, created: int, max_model_len: int) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "coolray", "max_model_len": max_model_len}
+
+
 def models_list(model: str, created: int, max_model_len: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "coolray",
-                                        "max_model_len": max_model_len}]}
+    return {"object": "list", "data": [model_card(model, created, max_model_len)]}

@@ -261,7 +261,49 @@ BAD_REQUESTS = [
     ("seed-beyond-64-bits", "/v1/completions", {"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
     ("seed-below-int64", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "hi"}], "seed": -(2 ** 63) - 1}, 400, "seed"),
+    # Fields that would change the answer, which the server does not implement: refused, not silently dropped.
+    ("logit-bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": -100}}, 400, "logit_bias"),
+    ("presence-penalty", "/v1/completions", {"prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("frequency-penalty", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("penalty-out-of-range", "/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("json-response-format", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("best-of", "/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("top-logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
 ]
+
+
+def test_no_op_values_of_refused_fields_are_accepted(served):
+    # Some clients send every field at its default; those values change nothing, so they must not be refused.
+    defaults = {"max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1}
+    r = _post(served["main"], "/v1/completions", {"prompt": "hi", "best_of": 1, **defaults})
+    assert r.status_code == 200, r.text
+    r = _post(served["main"], "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                      "response_format": {"type": "text"}, **defaults})
+    assert r.status_code == 200, r.text
+
+
+def test_developer_role_is_the_system_role(client):
+    # OpenAI's newer clients send the system prompt as role "developer"; the chat template only knows "system".
+    ask = [{"role": "user", "content": "What is 2 + 3?"}]
+    as_system = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."}]
+                                               + ask, max_tokens=12, temperature=0)
+    as_developer = client.chat.completions.create(model=MODEL, messages=[{"role": "developer", "content": "Be brief."}]
+                                                  + ask, max_tokens=12, temperature=0)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+
+
+def test_retrieve_model_by_name(served, client):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    r = requests.get(served["main"] + "/v1/models/gpt-9", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = requests.get(served["main"] + f"/v1/models/{MODEL}", timeout=10)  # no key: the same 401 as the list
+    assert r.status_code == 401
 
 
 @pytest.mark.parametrize("path, body, status, param", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
