@@ -6,14 +6,17 @@
 
 A plain class (no Ray decorator): RLHF wraps it with `ray.remote(RewardWorker).options(...)` in cluster/, the
 eval job uses it inside Ray Data, serve/reward_app.py inside a Serve deployment, tests call it directly.
-The domain's system prompt comes from the registry saved with the model (reward_config.json); the caller's
-messages carry none. Items are scored in length-sorted batches without gradients.
+The domain's system prompt comes from the registry saved with the model (reward_config.json) and goes first; a
+system message of the caller's own stays in the conversation after it, as preference pairs may carry one
+(data/preferences.py). Items are scored in length-sorted batches without gradients; an item longer than the RM's
+context is an error, not a score read off positions it was never trained on.
 """
 from __future__ import annotations
 
 import torch
 
 from algo.rm_loss import SCORE_BOUND
+from data.preferences import ROLES
 from modeling.reward import UnknownDomainError, load_reward_model
 
 MAX_SCORE = SCORE_BOUND - 1e-3  # the barrier keeps trained scores inside (-5, 5); a clamp guarantees it
@@ -24,7 +27,11 @@ class ItemError(ValueError):
 
     def __init__(self, index: int, field_name: str, problem: str):
         self.index, self.field_name = index, field_name
-        super().__init__(f"items[{index}].{field_name} {problem}")
+        super().__init__(f"{self.location} {problem}")
+
+    @property
+    def location(self) -> str:
+        return f"items[{self.index}]" + (f".{self.field_name}" if self.field_name else "")
 
 
 def check_item(index: int, item) -> tuple[str, list[dict], str]:
@@ -34,10 +41,11 @@ def check_item(index: int, item) -> tuple[str, list[dict], str]:
     if not isinstance(domain, str) or not domain:
         raise ItemError(index, "domain", "is missing or not a string")
     if not isinstance(messages, list) or not messages:
-        raise ItemError(index, "messages", "must be a non-empty list of {role, content} messages (no system prompt)")
+        raise ItemError(index, "messages", "must be a non-empty list of {role, content} messages (the domain's "
+                                           "system prompt is added from the RM's registry)")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ItemError(index, f"messages[{j}]", "must be {\"role\": str, \"content\": str}")
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ItemError(index, f"messages[{j}]", f"must be {{\"role\": one of {list(ROLES)}, \"content\": str}}")
     if not isinstance(response, str):
         raise ItemError(index, "response", "is missing or not a string")
     return domain, messages, response
@@ -72,9 +80,18 @@ class RewardWorker:
         for i, item in enumerate(items):
             domain, messages, response = check_item(i, item)
             if domain not in self.domains:
-                raise UnknownDomainError(domain, self.domains)
-            out.append(self.encoder.encode(domain, messages, response))
+                raise UnknownDomainError(domain, self.domains, index=i)
+            ids = self.encoder.encode(domain, messages, response)
+            if len(ids) > self.max_tokens:
+                raise ItemError(i, "", f"is {len(ids)} tokens with the {domain!r} condition, longer than the RM's "
+                                       f"context of {self.max_tokens}: shorten the conversation or the response")
+            out.append(ids)
         return out
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest item (condition + conversation + response + reward token) the backbone has positions for."""
+        return int(getattr(self.model.backbone.config, "max_position_embeddings", 0) or 1 << 30)
 
     @torch.inference_mode()
     def score(self, items: list[dict], clamp: bool = True) -> list[float]:

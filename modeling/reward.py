@@ -77,8 +77,8 @@ class RewardModelConfig:
 
 
 class UnknownDomainError(ValueError):
-    def __init__(self, domain: str, known: list[str]):
-        self.domain, self.known = domain, known
+    def __init__(self, domain: str, known: list[str], index: int | None = None):
+        self.domain, self.known, self.index = domain, known, index  # index: the item's position, where one applies
         super().__init__(
             f"unknown reward domain {domain!r}; known domains: {', '.join(known)}. "
             f"Add it with +rm.domains.{domain}='<system prompt>' (or in conf/reward.yaml) when training the RM."

@@ -5,8 +5,10 @@
                   ->  {"scores": [3.91], "model": "reward"}
     GET  /health      {"status": "ok", "model": ..., "domains": [...], "conditional": true}
 
-Errors are 4xx with {"error": {"message", "type", ...}}: 400 for bad JSON, a missing/ill-typed field (named
-as items[i].field) or an unknown domain (the known ones are listed), 413 for more than `max_items` items.
+Errors are 4xx in the chat server's (OpenAI's) shape, {"error": {"message", "type", "param", "code"}}: 400 for
+bad JSON, a missing/ill-typed field (`param` names it as items[i].field), an item longer than the RM's context,
+or an unknown domain (`type` unknown_domain; the known ones are listed), 413 for more than `max_items` items,
+404/405 for an unknown route or method.
 Remote-RM use in RLHF and the eval job: any HTTP client. From a Serve config file:
     applications:
       - name: coolray-reward
@@ -24,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 @dataclass
@@ -61,11 +64,20 @@ class RewardServeConfig:
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any):
-        self.status, self.body = status, {"error": {"message": message, "type": kind, **extra}}
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, **extra: Any):
+        self.status = status
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code, **extra}}
 
 
 api = FastAPI(title="coolray conditional reward model")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # An unknown route or a wrong method answers in the same error shape as everything else.
+    return JSONResponse(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").body,
+                        status_code=exc.status_code)
 
 
 @serve.deployment
@@ -95,14 +107,14 @@ class RewardServer:
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"request body is not valid JSON ({e})") from None
+            raise RequestError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
         if not isinstance(body, dict) or not isinstance(body.get("items"), list):
-            raise RequestError(400, 'body must be {"items": [{"domain", "messages", "response"}, ...]}', field="items")
+            raise RequestError(400, 'body must be {"items": [{"domain", "messages", "response"}, ...]}', param="items")
         if not body["items"]:
-            raise RequestError(400, "items is empty", field="items")
+            raise RequestError(400, "items is empty", param="items")
         if len(body["items"]) > self.cfg.max_items:
             raise RequestError(413, f"{len(body['items'])} items exceed the limit of {self.cfg.max_items} per request; "
-                                    "split the request", field="items")
+                                    "split the request", param="items", code="too_many_items")
         return body["items"]
 
     def _score(self, items: list) -> list[float]:
@@ -112,9 +124,11 @@ class RewardServer:
         try:
             return self.worker.score(items)
         except ItemError as e:
-            raise RequestError(400, str(e), field=f"items[{e.index}].{e.field_name}".rstrip(".")) from None
+            raise RequestError(400, str(e), param=e.location, code="invalid_value") from None
         except UnknownDomainError as e:
-            raise RequestError(400, str(e), kind="unknown_domain", domain=e.domain, known_domains=e.known) from None
+            raise RequestError(400, str(e), kind="unknown_domain",
+                               param=f"items[{e.index}].domain", domain=e.domain,
+                               known_domains=e.known) from None
 
 
 def build_reward_app(cfg: RewardServeConfig | dict[str, Any]):

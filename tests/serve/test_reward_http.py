@@ -83,11 +83,42 @@ def test_malformed_requests_get_a_400_naming_the_problem(url, payload, status, n
     assert needle in reply.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("item,param,needle", [
+    (5, "items[0]", "items[0] must be an object"),
+    ({"domain": "math", "messages": [{"role": "wizard", "content": "q"}], "response": "r"}, "items[0].messages[0]",
+     "one of ['system', 'user', 'assistant', 'environment']"),
+    ({"domain": "math", "messages": [{"role": "user", "content": "add " * 1200}], "response": "r"}, "items[0]",
+     "longer than the RM's context of 1024"),
+])
+def test_bad_items_are_400s_in_the_openai_error_shape_with_the_item_located(url, item, param, needle):
+    reply = requests.post(f"{url}/v1/reward", json={"items": [item]}, timeout=60)
+    err = reply.json()["error"]
+    assert reply.status_code == 400 and {"message", "type", "param", "code"} <= set(err)
+    assert err["param"] == param and needle in err["message"], err
+
+
+def test_a_callers_system_message_is_scored_after_the_domain_condition(url, rm_dir):
+    # Preference pairs may carry a system message of their own, so the RM scores one (after its condition).
+    item = {**_items(1)[0]}
+    item["messages"] = [{"role": "system", "content": "Answer in one line."}] + item["messages"]
+    reply = requests.post(f"{url}/v1/reward", json={"items": [item, _items(1)[0]]}, timeout=60)
+    with_system, without = reply.json()["scores"]
+    assert reply.status_code == 200 and with_system != pytest.approx(without, abs=1e-6)
+
+
+def test_wrong_method_and_unknown_route_answer_in_the_error_shape(url):
+    for reply, status in ((requests.get(f"{url}/v1/reward", timeout=30), 405),
+                          (requests.post(f"{url}/v1/nothing", json={}, timeout=30), 404)):
+        assert reply.status_code == status
+        assert {"message", "type", "param", "code"} <= set(reply.json()["error"])
+
+
 def test_unknown_domain_lists_the_known_ones_and_too_many_items_is_413(url):
     bad = [{**_items(1)[0], "domain": "cooking"}]
     reply = requests.post(f"{url}/v1/reward", json={"items": bad}, timeout=30)
     err = reply.json()["error"]
     assert reply.status_code == 400 and err["type"] == "unknown_domain" and err["domain"] == "cooking"
+    assert err["param"] == "items[0].domain"
     assert {"helpful", "harmless", "code", "math", "concise", "detailed"} <= set(err["known_domains"])
     reply = requests.post(f"{url}/v1/reward", json={"items": _items(5)}, timeout=30)
     assert reply.status_code == 413 and "limit of 4" in reply.json()["error"]["message"]
