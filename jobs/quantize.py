@@ -96,13 +96,16 @@ def main(cfg: QuantizeJobConfig, run: Run) -> dict:
 
     from jobs.serve import newest_model_dir
     from modeling.loading import load_causal_lm, load_tokenizer, resolve_checkpoint
-    from modeling.quantize import (llmcompressor_quantize, load_quantized, perplexity, quantize_model,
-                                   save_quantized, token_blocks)
+    from modeling.quantize import (llmcompressor_quantize, load_quantized, missing_dependency, perplexity,
+                                   quantize_model, save_quantized, token_blocks)
 
     method = cfg.quant.method
     if method in GPU_METHODS and not torch.cuda.is_available():
         raise RuntimeError(f"quant.method={method} runs on a CUDA GPU (llm-compressor); on CPU use one of "
                            f"{', '.join(CPU_METHODS)}")
+    missing = missing_dependency(method)
+    if missing:  # before minutes of loading and scoring, not after
+        raise RuntimeError(f"quant.method={method}: {missing}")
     src = cfg.model.path or str(newest_model_dir(cfg.run.root, exclude_jobs=("quantize", "serve")))
     src = str(resolve_checkpoint(src))
     tokenizer = load_tokenizer(src)

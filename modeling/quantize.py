@@ -53,6 +53,25 @@ def quantize_int8_weight_only(model: nn.Module) -> nn.Module:
 QUANTIZERS = {"int8_dynamic": quantize_int8_dynamic, "int8_weight_only": quantize_int8_weight_only}
 
 
+# The package each method imports beyond torch, and how to get it: checked before any model is loaded.
+_NEEDS = {
+    "int8_weight_only": ("torchao", "pip install -c constraints.txt -e '.[quant]' (or use 'int8_dynamic', which "
+                                    "ships with torch)"),
+}
+
+
+def missing_dependency(method: str) -> str | None:
+    """Why `method` cannot run in this environment (a package it imports is absent), or None."""
+    import importlib.util
+
+    package, how = _NEEDS.get(method, (None, ""))
+    if method in LLMCOMPRESSOR_METHODS:
+        package, how = "llmcompressor", f"pip install llmcompressor on a GPU box; on CPU use one of {', '.join(QUANTIZERS)}"
+    if package and importlib.util.find_spec(package) is None:
+        return f"quantization method {method!r} needs {package}, which is not installed: {how}"
+    return None
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
     if method not in QUANTIZERS:
         raise ValueError(f"unknown CPU quantization method {method!r}; choose one of {', '.join(QUANTIZERS)}")

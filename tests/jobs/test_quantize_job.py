@@ -102,3 +102,17 @@ def test_config_errors_and_gpu_methods_on_cpu(tiny_dir, tmp_path):
                       [f"model.path={tiny_dir}", f"run.root={tmp_path}", "quant.method=fp8_dynamic", *SMALL])
     with pytest.raises(RuntimeError, match="CUDA GPU.*int8_dynamic"):
         execute("quantize", cfg, qjob.main)
+
+
+def test_a_method_whose_package_is_missing_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
+    # torchao is an optional extra: without it int8_weight_only must say so at once (with the install line), not
+    # after loading and scoring the model. The model path does not even exist: the check comes first.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    cfg = load_config("quantize", qjob.QuantizeJobConfig,
+                      [f"model.path={tmp_path}/no-such-model", f"run.root={tmp_path}", "quant.method=int8_weight_only",
+                       *SMALL])
+    with pytest.raises(RuntimeError, match=r"needs torchao, which is not installed: pip install .*\[quant\]"):
+        execute("quantize", cfg, qjob.main)
