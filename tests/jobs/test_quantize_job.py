@@ -31,6 +31,51 @@ def test_summary_reports_both_perplexities_and_their_ratio(quantized, tiny_dir):
     # 4 blocks of 64 tokens were scored: the counts in the summary are the real ones.
     assert summary["eval_tokens"] == 4 * 64
     assert summary["tokens_per_s_original"] > 0 and summary["tokens_per_s_quantized"] > 0
+    # int8 moves the distributions a little, not at all would mean the float model was measured twice.
+    assert 0 < summary["kl_mean"] <= 0.05 and 0.5 < summary["top1_agreement"] <= 1
+
+
+class _FixedLogits:
+    """A stand-in causal LM whose logits at every position are `row` (vocabulary of len(row))."""
+
+    def __init__(self, row: list[float]):
+        import torch
+
+        self.row, self.param = torch.tensor(row), torch.nn.Parameter(torch.zeros(1))
+
+    def parameters(self):
+        return iter([self.param])
+
+    def __call__(self, input_ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.row.expand(*input_ids.shape, -1).clone())
+
+
+def test_fidelity_is_the_mean_kl_and_top1_agreement_derived_by_hand():
+    import math
+
+    import torch
+
+    from modeling.quantize import fidelity
+
+    blocks = torch.zeros((3, 5), dtype=torch.long)  # 3 blocks x 4 scored positions
+    # p = softmax([1, 0]) = (e, 1) / (1 + e), q its mirror: KL(p || q) = (p0 - p1) * ln(p0 / p1) = tanh(1/2) * 1;
+    # the argmaxes differ everywhere.
+    got = fidelity(_FixedLogits([1.0, 0.0]), _FixedLogits([0.0, 1.0]), blocks, batch_size=2)
+    assert got["kl_mean"] == pytest.approx(math.tanh(0.5), rel=1e-6) and got["top1_agreement"] == 0.0
+    # p uniform over 2, q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3); both argmaxes are token 0.
+    got = fidelity(_FixedLogits([0.0, 0.0]), _FixedLogits([math.log(3.0), 0.0]), blocks)
+    assert got["kl_mean"] == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6) and got["top1_agreement"] == 1.0
+    same = fidelity(_FixedLogits([0.3, -1.0, 2.0]), _FixedLogits([0.3, -1.0, 2.0]), blocks)
+    assert same == {"kl_mean": pytest.approx(0.0, abs=1e-7), "top1_agreement": 1.0}
+
+
+def test_the_fidelity_gate_fails_a_quantization_that_moves_the_distribution_too_far(tiny_dir, tmp_path):
+    cfg = load_config("quantize", qjob.QuantizeJobConfig,
+                      [f"model.path={tiny_dir}", f"run.root={tmp_path}", "quant.max_kl=1e-9", *SMALL])
+    with pytest.raises(RuntimeError, match=r"fidelity check failed: int8_dynamic .* \(> quant.max_kl=1e-09; top-1 agreement"):
+        execute("quantize", cfg, qjob.main)
 
 
 def test_written_checkpoint_is_an_int8_recipe_that_scores_the_reported_perplexity(quantized):
