@@ -1,7 +1,8 @@
 """The OpenAI-compatible Ray Serve app: `build_app(cfg) -> Application`, and `run_app(cfg) -> base URL`.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream=true` server-sent events ending in
-`data: [DONE]`), GET /v1/models, GET /v1/models/{name}, GET /health (process alive) and GET /ready (model loaded: 503 until then).
+`data: [DONE]`), GET /v1/models, GET /v1/models/{name}, GET /health (process alive) and GET /ready (model loaded:
+503 until then).
 
 Use from a Serve config file:
     applications:
