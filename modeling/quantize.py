@@ -66,7 +66,8 @@ def missing_dependency(method: str) -> str | None:
 
     package, how = _NEEDS.get(method, (None, ""))
     if method in LLMCOMPRESSOR_METHODS:
-        package, how = "llmcompressor", f"pip install llmcompressor on a GPU box; on CPU use one of {', '.join(QUANTIZERS)}"
+        package = "llmcompressor"
+        how = f"pip install llmcompressor on a GPU box; on CPU use one of {', '.join(QUANTIZERS)}"
     if package and importlib.util.find_spec(package) is None:
         return f"quantization method {method!r} needs {package}, which is not installed: {how}"
     return None

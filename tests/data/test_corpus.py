@@ -201,7 +201,8 @@ def test_near_dedup_names_the_earliest_kept_doc_when_two_match_equally(order):
     dedup = GlobalDedup(DedupConfig(near=near))
     for doc in order:
         assert dedup.decide(doc, "h" + doc, _sig(sigs[doc])) is None
-    assert dedup.decide("q", "hq", _sig(query)) == ("near_dedup", f"near-duplicate of {order[0]} (estimated Jaccard 0.75)")
+    reason = f"near-duplicate of {order[0]} (estimated Jaccard 0.75)"
+    assert dedup.decide("q", "hq", _sig(query)) == ("near_dedup", reason)
 
 
 @pytest.mark.parametrize("params", [(25, 5), (0, 0)])

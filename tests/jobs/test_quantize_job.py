@@ -74,7 +74,8 @@ def test_fidelity_is_the_mean_kl_and_top1_agreement_derived_by_hand():
 def test_the_fidelity_gate_fails_a_quantization_that_moves_the_distribution_too_far(tiny_dir, tmp_path):
     cfg = load_config("quantize", qjob.QuantizeJobConfig,
                       [f"model.path={tiny_dir}", f"run.root={tmp_path}", "quant.max_kl=1e-9", *SMALL])
-    with pytest.raises(RuntimeError, match=r"fidelity check failed: int8_dynamic .* \(> quant.max_kl=1e-09; top-1 agreement"):
+    failed = r"fidelity check failed: int8_dynamic .* \(> quant.max_kl=1e-09; top-1 agreement"
+    with pytest.raises(RuntimeError, match=failed):
         execute("quantize", cfg, qjob.main)
 
 
