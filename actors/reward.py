@@ -8,8 +8,10 @@ A plain class (no Ray decorator): RLHF wraps it with `ray.remote(RewardWorker).o
 eval job uses it inside Ray Data, serve/reward_app.py inside a Serve deployment, tests call it directly.
 The domain's system prompt comes from the registry saved with the model (reward_config.json) and goes first; a
 system message of the caller's own stays in the conversation after it, as preference pairs may carry one
-(data/preferences.py). Items are scored in length-sorted batches without gradients; an item longer than the RM's
-context is an error, not a score read off positions it was never trained on.
+(data/preferences.py). Items are scored in length-sorted batches without gradients. With `refuse_too_long` (the
+HTTP endpoint sets it) an item longer than the RM's context is an error rather than a score read off positions the
+model was never trained on; the jobs keep scoring such items, so one long pair cannot fail a finished training
+run's evaluation or an RLHF round.
 """
 from __future__ import annotations
 
@@ -52,10 +54,12 @@ def check_item(index: int, item) -> tuple[str, list[dict], str]:
 
 
 class RewardWorker:
-    def __init__(self, model_dir: str, batch_size: int = 32, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model_dir: str, batch_size: int = 32, device: str = "cpu", dtype: str = "float32",
+                 refuse_too_long: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         self.batch_size, self.device, self.dtype = batch_size, torch.device(device), dtype
+        self.refuse_too_long = refuse_too_long
         self.load(model_dir)
 
     def load(self, model_dir: str) -> str:
@@ -82,7 +86,7 @@ class RewardWorker:
             if domain not in self.domains:
                 raise UnknownDomainError(domain, self.domains, index=i)
             ids = self.encoder.encode(domain, messages, response)
-            if len(ids) > self.max_tokens:
+            if self.refuse_too_long and len(ids) > self.max_tokens:
                 raise ItemError(i, "", f"is {len(ids)} tokens with the {domain!r} condition, longer than the RM's "
                                        f"context of {self.max_tokens}: shorten the conversation or the response")
             out.append(ids)

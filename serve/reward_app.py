@@ -87,7 +87,8 @@ class RewardServer:
         from actors.reward import RewardWorker
 
         self.cfg = cfg
-        self.worker = RewardWorker(cfg.model_path, cfg.batch_size, device="cuda" if cfg.num_gpus > 0 else "cpu")
+        self.worker = RewardWorker(cfg.model_path, cfg.batch_size, device="cuda" if cfg.num_gpus > 0 else "cpu",
+                                   refuse_too_long=True)
 
     @api.get("/health")
     async def health(self) -> dict:
