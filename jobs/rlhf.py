@@ -753,6 +753,24 @@ def check_inputs(cfg: RLHFJobConfig) -> None:
             raise ConfigError(f"{key}={path!r} is not a directory")
 
 
+def wait_until_roles_fit(cfg: RLHFJobConfig, timeout_s: float) -> bool:
+    """Wait (bounded) until the roles fit the cluster again. Ray frees a removed placement group's and its killed
+    actors' resources asynchronously: checked at once, a restart on a cluster the roles fill more than half of (the
+    2-core default layout) saw the failed attempt's reservation still held and stopped with a PlacementError. False
+    when they still do not fit after timeout_s; the restart's own check then fails with the numbers."""
+    from cluster.placement import PlacementError, cluster_snapshot, plan_placement
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            plan_placement(cfg.placement.as_dict(), cluster_snapshot())
+            return True
+        except PlacementError:
+            if time.time() >= deadline:
+                return False
+            time.sleep(0.5)
+
+
 def main(cfg: RLHFJobConfig, run: Run) -> dict:
     check_inputs(cfg)
     base_pairs = resolve_base_pairs(cfg, run.dir)  # needed after round 1: fail now rather than then
@@ -776,6 +794,7 @@ def main(cfg: RLHFJobConfig, run: Run) -> dict:
             restarts += 1
             print(f"{e}\nrestarting every role from the last checkpoint ({restarts}/{cfg.max_actor_restarts})",
                   file=sys.stderr)
+            wait_until_roles_fit(cfg, timeout_s=min(cfg.timeouts.start_s, 120.0))
             continue
         return {**summary, "restarts": restarts}
 
