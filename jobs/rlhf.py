@@ -34,6 +34,7 @@ fails naming the role and the phase. Every remote wait is bounded (`timeouts.*`)
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import sys
 import time
@@ -160,6 +161,15 @@ class PromptConfig:
     domains: list[str] = field(default_factory=list)  # [] = every domain of the world
     pool_per_domain: int = 200  # training prompts per domain (the stream reshuffles them each epoch)
 
+    def __post_init__(self) -> None:
+        from data.world import DOMAINS
+
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ValueError(f"prompts.domains has unknown {bad}; the world has {list(DOMAINS)} ([] = all)")
+        if self.pool_per_domain < 1:
+            raise ValueError(f"prompts.pool_per_domain must be >= 1 (got {self.pool_per_domain})")
+
 
 @dataclass
 class EvalConfig:
@@ -210,8 +220,12 @@ class RMUpdateWorkers:
     keep_warm: bool = True
 
     def __post_init__(self) -> None:
+        from trainer.config import BACKENDS
+
         if self.num_workers < 1 or self.cpus_per_worker < 0 or self.gpus_per_worker < 0 or self.threads < 0:
             raise ValueError("rm_update_workers: num_workers must be >= 1, cpus/gpus_per_worker and threads >= 0")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"rm_update_workers.backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
 
 
 @dataclass
@@ -523,14 +537,39 @@ def rm_update_overrides(workers: RMUpdateWorkers) -> dict[str, Any]:
     cpus = workers.cpus_per_worker
     if cpus == 0:
         free = ray.available_resources().get("CPU", 0.0)
-        if free < 0.1:
+        if free < RM_UPDATE_MIN_FREE_CPU * workers.num_workers + 0.05:
             raise RuntimeError(
-                f"the RLHF roles leave {free:g} CPU free, so the RM update's worker cannot start; lower "
-                "placement.<role>.cpus_per_actor or give rm_update_workers.cpus_per_worker explicitly"
+                f"the RLHF roles leave {free:g} CPU free, so the RM update's {workers.num_workers} worker(s) cannot "
+                "start; lower placement.<role>.cpus_per_actor, or cluster.num_cpus above the roles' total"
             )
-        cpus = min(1.0, round(free - 0.05, 2))  # a little left for other tasks
+        # the free CPUs (a little left for other tasks) shared by the workers, at most 1 each
+        cpus = min(1.0, math.floor((free - 0.05) / workers.num_workers * 100) / 100)
     return {"num_workers": workers.num_workers, "cpus_per_worker": cpus, "gpus_per_worker": workers.gpus_per_worker,
             "backend": workers.backend}
+
+
+RM_UPDATE_MIN_FREE_CPU = 0.05  # per RM-update worker sized from what the roles leave free (cpus_per_worker=0)
+
+
+def check_rm_update_room(cfg: RLHFJobConfig) -> None:
+    """Before any work: will the between-round RM update's workers find CPUs beside the roles? They start at the
+    first round's end, while the roles keep their reservations; a run whose roles fill the cluster otherwise failed
+    there, a whole round of PPO later. Skipped when the roles themselves do not fit (start_roles says so) and when
+    no RM update will run."""
+    from cluster.placement import cluster_snapshot
+
+    if cfg.rounds < 2 and not cfg.online.rm_update.after_last_round:
+        return
+    free = sum(res.get("CPU", 0.0) for res in cluster_snapshot().values())
+    roles = sum(r.num_actors * r.cpus_per_actor for r in cfg.placement.as_dict().values())
+    w = cfg.rm_update_workers
+    need = w.num_workers * (w.cpus_per_worker or RM_UPDATE_MIN_FREE_CPU) + (0.0 if w.cpus_per_worker else 0.05)
+    if roles <= free + 1e-9 and free - roles < need - 1e-9:
+        raise ConfigError(
+            f"the roles reserve {roles:g} of the cluster's {free:g} free CPUs for the whole run, which leaves "
+            f"{max(free - roles, 0):g} for the between-round RM update's {w.num_workers} worker(s) (they need "
+            f"{need:g}); lower placement.<role>.cpus_per_actor, or rm_update_workers.num_workers / cpus_per_worker"
+        )
 
 
 def rm_update_group(ctx: Context) -> Any:
@@ -744,13 +783,32 @@ def attempt(cfg: RLHFJobConfig, run: Run, ckpt: Checkpointer, base_pairs: str) -
 
 
 def check_inputs(cfg: RLHFJobConfig) -> None:
-    """The two model directories every run needs; a config error (exit 2) before any work when they are wrong."""
+    """The model directories and label file every run needs; a config error (exit 2) before any work when they are
+    wrong (a reward model given as the policy trained a random LM head to a 0.000 score without a word)."""
+    from modeling.reward import CONFIG_FILE as RM_CONFIG
+
     for key, path in (("policy.path", cfg.policy.path), ("reward.path", cfg.reward.path)):
         if not path:
             raise ConfigError(f"{key} is required: pass {key}=<dir> (the SFT job's model_dir for policy.path, the "
                               "reward job's model_dir for reward.path)")
         if "://" not in path and not Path(path).is_dir():
             raise ConfigError(f"{key}={path!r} is not a directory")
+    if "://" not in cfg.reward.path and not (Path(cfg.reward.path) / RM_CONFIG).is_file():
+        raise ConfigError(f"reward.path={cfg.reward.path!r} is not a reward model directory (it has no {RM_CONFIG}); "
+                          "pass the reward job's model_dir (its summary.json: model_dir)")
+    for key, path in (("policy.path", cfg.policy.path), ("reference.path", cfg.reference.path),
+                      ("rollout.model_path", cfg.rollout.model_path)):
+        if path and "://" not in path and (Path(path) / RM_CONFIG).is_file():
+            raise ConfigError(f"{key}={path!r} is a reward model directory (it has {RM_CONFIG}), not a language "
+                              "model; pass the SFT job's model_dir")
+    if cfg.online.labeler == "file" and Path(cfg.online.labels_path).exists():
+        from data.io import DataError
+        from data.world import FileLabeler
+
+        try:  # read now, not at the first round's end: a bad line is fixed before any PPO, not after a round of it
+            FileLabeler(cfg.online.labels_path).label([])
+        except DataError as e:
+            raise ConfigError(f"online.labels_path: {e}") from None
 
 
 def wait_until_roles_fit(cfg: RLHFJobConfig, timeout_s: float) -> bool:
@@ -775,6 +833,7 @@ def main(cfg: RLHFJobConfig, run: Run) -> dict:
     check_inputs(cfg)
     base_pairs = resolve_base_pairs(cfg, run.dir)  # needed after round 1: fail now rather than then
     init_ray(cfg.cluster)
+    check_rm_update_room(cfg)
     ckpt = Checkpointer(run.dir / "checkpoints", cfg.checkpoint_keep)
     if not cfg.run.resume:
         ckpt.clear()

@@ -162,3 +162,69 @@ def test_missing_model_paths_are_a_config_error(rlhf_inputs, tmp_path, capsys): 
         execute("rlhf", cfg, main)
     assert exc.value.code == 2
     assert "config error: policy.path is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("swap, message", [
+    (lambda i: [f"policy.path={i['rm']}"], "policy.path={rm!r} is a reward model directory"),
+    (lambda i: [f"reward.path={i['sft']}"], "reward.path={sft!r} is not a reward model directory"),
+])
+def test_swapped_model_directories_are_a_config_error(rlhf_inputs, tmp_path, capsys, swap, message):  # noqa: F811
+    # A reward model as the policy trained a random LM head to a 0.000 score without a word; an SFT model as the RM
+    # killed the reward actor at start, and the job's restart then reported a placement error.
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "swapped", *swap(rlhf_inputs)))
+    with pytest.raises(SystemExit) as exc:
+        execute("rlhf", cfg, main)
+    assert exc.value.code == 2
+    assert message.format(**rlhf_inputs) in capsys.readouterr().err
+    assert not (tmp_path / "swapped" / "checkpoints").exists()
+
+
+def test_a_malformed_human_label_file_is_a_config_error_before_any_ppo(rlhf_inputs, tmp_path, capsys):  # noqa: F811
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"id": "a", "label": 0}\n{"id": "b", "label": 1\n')
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "labels", "online.labeler=file",
+                                                      f"online.labels_path={labels}"))
+    with pytest.raises(SystemExit) as exc:
+        execute("rlhf", cfg, main)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "config error: online.labels_path" in err and f"{labels}:2" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prompts.domains=[cooking]", "prompts.domains has unknown ['cooking']"),
+    ("rm_update_workers.backend=fsdp", "rm_update_workers.backend must be one of ddp, deepspeed"),
+])
+def test_bad_prompt_domains_and_rm_update_backend_fail_at_load(rlhf_inputs, tmp_path, capsys, override,  # noqa: F811
+                                                               message):
+    # Both failed only after Ray and the roles had started (the backend after a whole round of PPO), as tracebacks.
+    with pytest.raises(SystemExit) as exc:
+        load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "bad", override))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_rm_update_workers_that_cannot_fit_beside_the_roles_fail_before_any_ppo(ray_cluster, rlhf_inputs,  # noqa: F811
+                                                                                tmp_path, capsys):
+    # The roles take every free CPU: the RM update's worker, started at round 1's end, could not start, and the run
+    # failed there, a round of PPO later (its message suggested rm_update_workers.cpus_per_worker, which cannot help).
+    free = wait_for_free_cpus(ray_cluster)
+    cfg = load_config("rlhf", RLHFJobConfig, small_run(rlhf_inputs, tmp_path, "full", "rounds=2",
+                                                      f"placement.policy.cpus_per_actor={free - 1.0}"))
+    with pytest.raises(SystemExit) as exc:
+        execute("rlhf", cfg, main)
+    assert exc.value.code == 2
+    assert "between-round RM update" in capsys.readouterr().err
+    assert not (tmp_path / "full" / "checkpoints").exists()
+
+
+def test_rm_update_workers_share_what_the_roles_leave_free(monkeypatch):
+    # rm_update_workers.num_workers=2 with cpus_per_worker=0 sized each worker to all the free CPUs: 2 x 0.7 of 0.75.
+    import ray
+
+    from jobs.rlhf import RMUpdateWorkers, rm_update_overrides
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.75})
+    assert rm_update_overrides(RMUpdateWorkers())["cpus_per_worker"] == pytest.approx(0.7)
+    two = rm_update_overrides(RMUpdateWorkers(num_workers=2))
+    assert two["num_workers"] == 2 and 2 * two["cpus_per_worker"] <= 0.75 - 0.05 + 1e-9 and two["cpus_per_worker"] > 0.3
