@@ -21,8 +21,40 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"cluster.num_cpus must be >= 1 (got {self.num_cpus}); leave it unset to use all cores")
+        if self.init_timeout_s <= 0:
+            raise ValueError(f"cluster.init_timeout_s must be > 0 (got {self.init_timeout_s})")
         if self.object_store_memory_mb < 64:
             raise ValueError(f"cluster.object_store_memory_mb must be >= 64 (got {self.object_store_memory_mb})")
+
+
+class ClusterUnreachable(ConnectionError):
+    """Nothing answers at the Ray address the config (or RAY_ADDRESS) names."""
+
+
+def wait_for_address(address: str, timeout_s: float) -> None:
+    """Wait up to timeout_s for a TCP connection to a `host:port` / `ray://host:port` address (a head may still be
+    starting). ray.init itself retries an address nobody listens on forever: cluster.address=127.0.0.1:6399 with no
+    Ray there hung the job for good, printing GCS connection warnings. "auto" and other forms are left to Ray."""
+    import socket
+    import time
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in target:
+        return
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, max(timeout_s, 0.1))):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} (cluster.address or RAY_ADDRESS) within "
+                    f"cluster.init_timeout_s={timeout_s:g} s ({e}); start one there with `ray start --head`, fix the "
+                    "address, or leave cluster.address empty to start Ray in this process"
+                ) from None
+            time.sleep(1.0)
 
 
 def init_ray(cfg: ClusterConfig) -> bool:
@@ -35,6 +67,7 @@ def init_ray(cfg: ClusterConfig) -> bool:
     runtime_env = {"env_vars": worker_env_vars()}
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        wait_for_address(address, cfg.init_timeout_s)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return True
     ray.init(
