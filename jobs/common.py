@@ -137,8 +137,41 @@ def load_config(job: str, schema: type, overrides: list[str], config_name: str |
     try:
         obj = OmegaConf.to_object(cfg)
     except (ValueError, TypeError, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).strip()) from None
+        raise ConfigError(_located(cfg, str(e).strip())) from None
     return obj
+
+
+def _located(cfg, message: str) -> str:
+    """A dataclass's own check names its keys as it knows them ("kl.estimator must be ..."), not where the job
+    mounts it (ppo.kl.estimator). Find the deepest node whose own validation fails and, when the message starts
+    with <name>.<one of that node's fields>, put the node's full key in front of the field instead."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def culprit(node, path: str) -> tuple[str, DictConfig] | None:
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                found = culprit(child, f"{path}.{key}" if path else str(key))
+                if found:
+                    return found
+        try:
+            OmegaConf.to_object(node)
+        except Exception:  # noqa: BLE001: any failure marks this node; the original message is what is shown
+            return path, node
+        return None
+
+    try:
+        found = culprit(cfg, "")
+    except Exception:  # noqa: BLE001: locating is a courtesy; never hide the real message behind a second error
+        return message
+    if not found or not found[0]:
+        return message
+    path, node = found
+    head, space, rest = message.partition(" ")
+    _, dot, field_name = head.rpartition(".")
+    if dot and field_name in node.keys():
+        return f"{path}.{field_name}{space}{rest}"
+    return message
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -107,3 +107,17 @@ def test_cli_last_line_is_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last == f"summary: {tmp_path}/o/toy/summary.json"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ppo.kl.estimator=k4", "ppo.kl.estimator"),  # algo/kl.py calls it kl.estimator
+    ("ppo.loss.clip_eps=2", "ppo.loss.clip_eps"),  # algo/ppo.py calls it ppo.clip_eps
+    ("ppo.advantage.gamma=3", "ppo.advantage.gamma"),  # algo/advantages.py calls it advantage.gamma
+    ("online.rm_update.online_share=3", "online.rm_update.online_share"),  # already the full key: unchanged
+])
+def test_a_nested_dataclass_check_names_the_key_where_the_job_mounts_it(override, key):
+    from jobs.rlhf import RLHFJobConfig
+
+    with pytest.raises(common.ConfigError) as err:
+        common.load_config("rlhf", RLHFJobConfig, [override, "policy.path=p", "reward.path=r"])
+    assert str(err.value).startswith(f"{key} must be"), str(err.value)
