@@ -1,5 +1,6 @@
 """Throughput of the corpus stages (read -> rules -> MinHash -> sort -> global dedup -> safety -> quality) with
-Ray at 1 CPU and at 2 CPUs, each in a fresh process with its own `ray.init(num_cpus=k)`.
+Ray at 1 CPU and at 2 CPUs, each in a fresh process with its own `ray.init(num_cpus=k)`, pinned (with its Ray
+processes) to k cores where the OS allows.
 
     python bench/data_pipeline.py                 # sample x 8 with perturbations, 16 shards
     python bench/data_pipeline.py --copies 20 --shards 32
@@ -58,8 +59,22 @@ def build_corpus(out_dir: Path, copies: int, shards: int) -> int:
     return len(docs)
 
 
+def pin_to_cores(k: int) -> list[int] | None:
+    """Confine this process, and so the Ray instance it starts (raylet, GCS, workers inherit the mask), to k cores.
+    Without it "1 CPU" is one core for the stages plus the machine's other cores for Ray's own processes and the
+    driver, while "2 CPUs" on a 2-core box shares both with them: the ratio then understates the scaling."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < k:
+        return None
+    os.sched_setaffinity(0, cores[:k])
+    return cores[:k]
+
+
 def measure(corpus_dir: str, num_cpus: int) -> dict:
-    """One Ray instance with `num_cpus` CPUs: warm-up on one shard, then the timed full run."""
+    """One Ray instance with `num_cpus` CPUs, pinned to as many cores: warm-up on one shard, then the timed run."""
+    pinned = pin_to_cores(num_cpus)
     os.environ["COOLRAY_PROGRESS"] = "0"
     from cluster.runtime import ClusterConfig, init_ray
     from data.corpus import CorpusConfig, InputConfig, discover_files
@@ -75,7 +90,7 @@ def measure(corpus_dir: str, num_cpus: int) -> dict:
         seconds = time.perf_counter() - started
         report = corpus_report(annotated, cfg)
     return {"num_cpus": num_cpus, "docs": report["docs_in"], "docs_out": report["docs_out"], "seconds": seconds,
-            "docs_per_second": report["docs_in"] / seconds}
+            "docs_per_second": report["docs_in"] / seconds, "pinned_cores": pinned}
 
 
 def cpu_profile(corpus_dir: str, max_docs: int = 3000) -> dict:
@@ -126,8 +141,9 @@ def main() -> None:
             line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
             results[k] = json.loads(line.removeprefix("RESULT "))
             r = results[k]
+            pinned = f"pinned to cores {r['pinned_cores']}" if r["pinned_cores"] else "not pinned"
             print(f"num_cpus={k}: {r['docs']} docs in {r['seconds']:.1f} s = {r['docs_per_second']:.0f} docs/s "
-                  f"({r['docs_out']} kept)")
+                  f"({r['docs_out']} kept; {pinned})")
         prof = cpu_profile(tmp)
         print(f"CPU ms/doc by stage group (1 process, no Ray): {prof['ms_per_doc']}; serial (global dedup) share "
               f"{prof['serial_share']:.1%} -> Amdahl bound for 2 CPUs {prof['amdahl_2cpu']:.2f}x")
