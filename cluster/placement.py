@@ -203,6 +203,12 @@ def _resolve_hosts(roles: dict[str, RoleResources]) -> dict[str, str]:
     return group_of
 
 
+def check_layout(roles: dict[str, RoleResources]) -> dict[str, GroupSpec]:
+    """The checks that need no cluster (colocation targets and cycles, guests per host bundle, strategies, empty or
+    over-full bundles): a config can run them before Ray starts. Returns the placement groups the roles form."""
+    return _build_groups(roles, _resolve_hosts(roles))
+
+
 def _build_groups(roles: dict[str, RoleResources], group_of: dict[str, str]) -> dict[str, GroupSpec]:
     groups: dict[str, GroupSpec] = {}
     for owner in [r for r in roles if group_of[r] == r]:

@@ -66,7 +66,7 @@ from algo.masked import (  # noqa: E402
 from algo.ppo import PPOLossConfig  # noqa: E402
 from algo.rewards import compute_token_rewards  # noqa: E402
 from algo.stats import RewardNormalizer, RewardNormConfig, paired_gain_se  # noqa: E402
-from cluster.placement import RoleResources  # noqa: E402
+from cluster.placement import RoleResources, check_layout  # noqa: E402
 from cluster.runtime import ClusterConfig, init_ray  # noqa: E402
 from cluster.timeouts import PhaseTimeout, RoleDied  # noqa: E402
 from cluster.weight_sync import WeightSyncConfig  # noqa: E402
@@ -269,6 +269,10 @@ class RLHFJobConfig:
             raise ValueError("max_actor_restarts must be >= 0, checkpoint_keep >= 1 and checkpoint_every >= 1")
         if self.fault.role not in ("", "policy", "critic"):
             raise ValueError(f"fault.role must be '', policy or critic (got {self.fault.role!r})")
+        try:  # colocation, bundle and strategy mistakes: now, not after Ray and the first roles have started
+            check_layout(self.placement.as_dict())
+        except ValueError as e:
+            raise ValueError(f"placement: {e}") from None
         small = [r for r, res in self.placement.as_dict().items() if res.num_actors > self.ppo.rollout_batch_size]
         if small:
             raise ValueError(f"placement.{small[0]}.num_actors exceeds ppo.rollout_batch_size="

@@ -194,6 +194,9 @@ def test_a_malformed_human_label_file_is_a_config_error_before_any_ppo(rlhf_inpu
 @pytest.mark.parametrize("override, message", [
     ("prompts.domains=[cooking]", "prompts.domains has unknown ['cooking']"),
     ("rm_update_workers.backend=fsdp", "rm_update_workers.backend must be one of ddp, deepspeed"),
+    # Layout mistakes that need no cluster to see: raw ValueErrors from cluster/placement.py after Ray had started.
+    ("placement.reference.num_actors=3", "placement: role 'reference' has 3 actors but is colocated with 'policy'"),
+    ("placement.rollout.colocate_with=nonrole", "placement: role 'rollout' has colocate_with='nonrole', which is not"),
 ])
 def test_bad_prompt_domains_and_rm_update_backend_fail_at_load(rlhf_inputs, tmp_path, capsys, override,  # noqa: F811
                                                                message):
