@@ -307,11 +307,32 @@ def execute(job: str, cfg: Any, main: Callable[[Any, Run], dict]) -> Path:
     return path
 
 
+def _explained(exc: BaseException) -> bool:
+    """Errors whose message already says what went wrong and what to do (the placement table, the unreachable
+    address, the file:line of bad data, the role and phase that hung or died, the weight sync that did not take):
+    the CLI prints them without a traceback, which would only bury that message under library frames."""
+    from cluster.placement import PlacementError
+    from cluster.runtime import ClusterUnreachable
+    from cluster.timeouts import PhaseTimeout, RoleDied
+    from data.io import DataError
+
+    return isinstance(exc, (PlacementError, ClusterUnreachable, PhaseTimeout, RoleDied, DataError))
+
+
 def run_job(job: str, schema: type, main: Callable[[Any, Run], dict], argv: list[str] | None = None) -> Path:
-    """CLI entry: parse Hydra overrides, run, and print `summary: <path>` as the very last line."""
+    """CLI entry: parse Hydra overrides, run, and print `summary: <path>` as the very last line. A failure whose
+    message is its own explanation (see _explained) ends the process with `error: <message>` and exit code 1;
+    COOLRAY_TRACEBACK=1 shows the traceback as well."""
     apply_process_defaults()
     cfg = load_config(job, schema, sys.argv[1:] if argv is None else argv)
-    path = execute(job, cfg, main)
+    try:
+        path = execute(job, cfg, main)
+    except Exception as e:
+        if os.environ.get("COOLRAY_TRACEBACK") == "1" or not _explained(e):
+            raise
+        sys.stdout.flush()
+        print(f"error: {e}\n(COOLRAY_TRACEBACK=1 prints the traceback)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     sys.stderr.flush()
     print(f"summary: {path}", flush=True)
     return path

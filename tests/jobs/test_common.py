@@ -122,3 +122,39 @@ def test_a_nested_dataclass_check_names_the_key_where_the_job_mounts_it(override
         common.load_config("rlhf", RLHFJobConfig, [override, "policy.path=p", "reward.path=r"])
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {key} must be"), err
+
+
+def _run_toy(tmp_path, raise_line: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = tmp_path / "failjob.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(common.REPO_ROOT)!r})
+        from pathlib import Path
+        from tests.jobs.test_common import _ToyJob
+        from jobs import common
+        conf = Path({str(tmp_path)!r}) / "conf"; conf.mkdir(exist_ok=True)
+        (conf / "toy.yaml").write_text("defaults:\\n  - toy_schema\\n  - _self_\\n")
+        common.CONF_DIR = conf
+        def main(cfg, run):
+            {raise_line}
+        common.run_job("toy", _ToyJob, main)
+        """))
+    import os
+
+    return subprocess.run([sys.executable, str(script), f"run.root={tmp_path}/o", "logging.wandb=disabled"],
+                          capture_output=True, text=True, timeout=120, cwd=common.REPO_ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def test_an_explained_failure_ends_with_its_message_not_a_traceback(tmp_path):
+    # The placement table (or an unreachable address, a file:line) is the whole story; a traceback buried it.
+    out = _run_toy(tmp_path, "from cluster.placement import PlacementError; "
+                             "raise PlacementError('the roles do not fit the cluster: CPU asked 3, cluster has 2')")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-2] == "error: the roles do not fit the cluster: CPU asked 3, cluster has 2"
+    # The traceback is one variable away, and any other failure keeps it.
+    assert "Traceback" in _run_toy(tmp_path, "from cluster.placement import PlacementError; raise PlacementError('x')",
+                                   {"COOLRAY_TRACEBACK": "1"}).stderr
+    other = _run_toy(tmp_path, "raise KeyError('a bug')")
+    assert other.returncode == 1 and "Traceback" in other.stderr and "KeyError: 'a bug'" in other.stderr
