@@ -112,23 +112,25 @@ class OpenAIServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        try:
-            self._authorize(request)
-            body, status = oai.models_list(self.model_name, self.created, self.engine.max_model_len), 200
-        except oai.OpenAIError as e:
-            body, status = e.body(), e.status
-        self.metrics.record("models", status, time.perf_counter() - started)
-        return JSONResponse(body, status_code=status)
+        return self._model_route(request, None)
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> JSONResponse:
         """OpenAI's "retrieve model" (`client.models.retrieve(name)`): the served model's card, or 404."""
+        return self._model_route(request, model_id)
+
+    def _model_route(self, request: Request, model_id: str | None) -> JSONResponse:
+        """The list (model_id None) or one model's card, behind the same key check and metrics."""
         started = time.perf_counter()
         try:
             self._authorize(request)
-            self._check_model(model_id)
-            body, status = oai.model_card(self.model_name, self.created, self.engine.max_model_len), 200
+            args = (self.model_name, self.created, self.engine.max_model_len)
+            if model_id is None:
+                body = oai.models_list(*args)
+            else:
+                self._check_model(model_id)
+                body = oai.model_card(*args)
+            status = 200
         except oai.OpenAIError as e:
             body, status = e.body(), e.status
         self.metrics.record("models", status, time.perf_counter() - started)
