@@ -102,7 +102,7 @@ def main(cfg: QuantizeJobConfig, run: Run) -> dict:
 
     from jobs.serve import newest_model_dir
     from modeling.loading import load_causal_lm, load_tokenizer, resolve_checkpoint
-    from modeling.quantize import (fidelity, llmcompressor_quantize, load_quantized, missing_dependency, perplexity,
+    from modeling.quantize import (compare_models, llmcompressor_quantize, load_quantized, missing_dependency,
                                    quantize_model, save_quantized, token_blocks)
 
     method = cfg.quant.method
@@ -122,12 +122,12 @@ def main(cfg: QuantizeJobConfig, run: Run) -> dict:
     print(f"quantize: {method} of {src}; perplexity on {blocks.shape[0]} x {window} tokens from {source}",
           file=sys.stderr, flush=True)
 
-    ppl_original = perplexity(original, blocks)
     out_dir = run.dir / "model"
     speed: dict = {}
     if method in CPU_METHODS:
         quantized = quantize_model(copy.deepcopy(original), method)
-        ppl_quantized = perplexity(quantized, blocks)
+        scores = compare_models(original, quantized, blocks)  # one pass of each model: perplexities and drift
+        ppl_original, ppl_quantized = scores["ppl_original"], scores["ppl_quantized"]
         save_quantized(src, out_dir, method, ppl_original=ppl_original, ppl_quantized=ppl_quantized,
                        eval_source=source)
         # Check the written checkpoint reloads into the very model we measured (what serving will run).
@@ -142,10 +142,11 @@ def main(cfg: QuantizeJobConfig, run: Run) -> dict:
     else:
         calib = train_part[: cfg.quant.calib_samples] or heldout
         quantized = llmcompressor_quantize(copy.deepcopy(original).cuda(), tokenizer, method, calib, window, out_dir)
-        ppl_quantized = perplexity(quantized, blocks)
+        scores = compare_models(original, quantized, blocks)
+        ppl_original, ppl_quantized = scores["ppl_original"], scores["ppl_quantized"]
 
     ratio = ppl_quantized / ppl_original
-    drift = fidelity(original, quantized, blocks)
+    drift = {k: scores[k] for k in ("kl_mean", "top1_agreement")}
     run.logger.log({"quantize/ppl_original": ppl_original, "quantize/ppl_quantized": ppl_quantized,
                     "quantize/ppl_ratio": ratio, **{f"quantize/{k}": v for k, v in {**drift, **speed}.items()}})
     print(f"quantize: perplexity {ppl_original:.3f} -> {ppl_quantized:.3f} (x{ratio:.4f}); KL(original || "

@@ -216,6 +216,30 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
 
 
 @torch.inference_mode()
+def compare_models(original: nn.Module, quantized: nn.Module, blocks: torch.Tensor,
+                   batch_size: int = 8) -> dict[str, float]:
+    """One forward pass of each model over `blocks` gives both perplexities (as `perplexity` defines them) and
+    the `fidelity` figures below: `ppl_original`, `ppl_quantized`, `kl_mean`, `top1_agreement`."""
+    from data.evalsets import perplexity as ppl_from_sums
+
+    nll_o, nll_q, counts = [], [], []
+    kl_sum, agree = 0.0, 0
+    dev_o = next(original.parameters()).device
+    dev_q = next(quantized.parameters()).device
+    for batch in blocks.split(batch_size):
+        lp = torch.log_softmax(original(input_ids=batch.to(dev_o)).logits[:, :-1].float().cpu(), dim=-1)
+        lq = torch.log_softmax(quantized(input_ids=batch.to(dev_q)).logits[:, :-1].float().cpu(), dim=-1)
+        target = batch[:, 1:].unsqueeze(-1).cpu()
+        nll_o.append(-float(lp.gather(-1, target).sum()))
+        nll_q.append(-float(lq.gather(-1, target).sum()))
+        counts.append(target.numel())
+        kl_sum += float((lp.exp() * (lp - lq)).sum())
+        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+    count = sum(counts)
+    return {"ppl_original": ppl_from_sums(nll_o, counts), "ppl_quantized": ppl_from_sums(nll_q, counts),
+            "kl_mean": kl_sum / count, "top1_agreement": agree / count}
+
+
 def fidelity(original: nn.Module, quantized: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
     """How far the quantized model's next-token distributions are from the original's on the same blocks:
     `kl_mean`, the mean over scored positions of KL(p_original || p_quantized) in nats, and `top1_agreement`, the
@@ -225,13 +249,5 @@ def fidelity(original: nn.Module, quantized: nn.Module, blocks: torch.Tensor, ba
     text, so it means the same for a base model on web text and for a chat policy on text it was never tuned for
     (where both perplexities are in the thousands and their ratio is noise).
     """
-    kl_sum, agree, count = 0.0, 0, 0
-    dev_o = next(original.parameters()).device
-    dev_q = next(quantized.parameters()).device
-    for batch in blocks.split(batch_size):
-        lp = torch.log_softmax(original(input_ids=batch.to(dev_o)).logits[:, :-1].float().cpu(), dim=-1)
-        lq = torch.log_softmax(quantized(input_ids=batch.to(dev_q)).logits[:, :-1].float().cpu(), dim=-1)
-        kl_sum += float((lp.exp() * (lp - lq)).sum())
-        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-        count += lp.shape[0] * lp.shape[1]
-    return {"kl_mean": kl_sum / count, "top1_agreement": agree / count}
+    out = compare_models(original, quantized, blocks, batch_size)
+    return {"kl_mean": out["kl_mean"], "top1_agreement": out["top1_agreement"]}
