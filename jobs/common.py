@@ -149,8 +149,8 @@ def _located(cfg, message: str) -> str:
 
     def culprit(node, path: str) -> tuple[str, DictConfig] | None:
         for key in node.keys():
-            child = node._get_node(key)
-            if isinstance(child, DictConfig) and not child._is_none():
+            child = node[key]  # None for an unset optional section
+            if isinstance(child, DictConfig):
                 found = culprit(child, f"{path}.{key}" if path else str(key))
                 if found:
                     return found
