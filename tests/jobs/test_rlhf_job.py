@@ -225,7 +225,8 @@ def test_rm_update_workers_share_what_the_roles_leave_free(monkeypatch):
     # rm_update_workers.num_workers=2 with cpus_per_worker=0 sized each worker to all the free CPUs: 2 x 0.7 of 0.75.
     import ray
 
-    from jobs.rlhf import RMUpdateWorkers, rm_update_overrides
+    from jobs.rlhf import RMUpdateWorkers
+    from jobs.rlhf_preflight import rm_update_overrides
 
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.75})
     assert rm_update_overrides(RMUpdateWorkers())["cpus_per_worker"] == pytest.approx(0.7)
